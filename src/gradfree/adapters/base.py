@@ -207,7 +207,7 @@ class ModelAdapter:
     def __init__(self, model: nn.Module, spec: ArchSpec) -> None:
         self.model = model
         self.spec = spec
-        self.config = model.config
+        self.config: Any = model.config
 
     # parts
     @property
@@ -324,4 +324,3 @@ class ModelAdapter:
             "attn_bias": self.has_attn_bias,
             "rope_theta": self.rope.theta,
         }
-
