@@ -1,10 +1,167 @@
-"""`gradfree capture`: (to be filled in)."""
+"""`gradfree capture`: activation statistics of one model or a teacher/student pair, and
+`gradfree capture merge`: combine captures over disjoint documents.
+
+Thin: parse, build a :class:`~gradfree.capture.CaptureConfig`, call
+:func:`~gradfree.capture.run_capture` / :func:`~gradfree.capture.merge_captures`, print a summary.
+The library (and torch) is imported only when a command runs.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import typer
+
+from gradfree.errors import GradfreeError
+
+if TYPE_CHECKING:
+    from gradfree.capture import Capture
+
+
+def _summary(cap: Capture, title: str, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = cap.manifest
+    table = Table(title=title)
+    for col in ("role", "model", "tokens (all / body / head)", "keys", "dumped sites"):
+        table.add_column(col)
+    for role in cap.roles:
+        entry = m["roles"][role]
+        t = entry["tokens"]
+        table.add_row(
+            role,
+            entry.get("name") or entry.get("model_type", ""),
+            f"{t['all']} / {t['body']} / {t['head']}",
+            str(len(cap.keys(role))),
+            str(len(cap.dump_keys(role))),
+        )
+    console = Console(stderr=True, width=120)
+    console.print(table)
+    size = sum(int(s["bytes"]) for s in m["shards"].values())
+    console.print(
+        f"sites: {', '.join(m['sites'])}; {len(m['shards'])} shards, {size / 1e6:.1f} MB; "
+        f"{m['documents']['count']} documents, {m['windows']} windows; "
+        f"{len(cap.cross_pairs())} cross pairs; {seconds:.1f} s"
+    )
+    typer.echo(str(cap.path))
+
+
+def capture(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", help="One model to capture."),
+    teacher: str | None = typer.Option(None, "--teacher", help="Teacher of a paired capture."),
+    student: str | None = typer.Option(None, "--student", help="Student of a paired capture."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Corpus name or .jsonl/.txt path."),
+    split: str | None = typer.Option(None, "--split", help="Corpus split, e.g. calibration."),
+    limit: int | None = typer.Option(None, "--limit", help="Use at most N documents."),
+    out: Path | None = typer.Option(None, "--out", help="Output capture folder."),
+    sites: str | None = typer.Option(
+        None, "--sites", help="Comma-separated sites (default resid_pre,final.normed)."
+    ),
+    layers: str | None = typer.Option(None, "--layers", help="Blocks: all, or e.g. 0,4,8-11."),
+    full: str | None = typer.Option(None, "--full", help="Sites forced to full covariance."),
+    layer_map: str = typer.Option(
+        "proportional", "--layer-map", help="proportional, or teacher index per student block."
+    ),
+    cross_sites: str | None = typer.Option(
+        None, "--cross-sites", help="Paired sites (default resid_pre,final.normed if captured)."
+    ),
+    max_length: int = typer.Option(512, "--max-length", help="Window length in tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per batch."),
+    exclude_first: int = typer.Option(0, "--exclude-first", help="Drop the first N positions."),
+    split_first: int = typer.Option(1, "--split-first", help="Keep the first N apart (head)."),
+    dump_sites: str | None = typer.Option(None, "--dump-sites", help="Sites to dump tokens of."),
+    dump_rate: float = typer.Option(0.05, "--dump-rate", help="Share of tokens dumped."),
+    dump_max: int = typer.Option(20000, "--dump-max", help="Most dumped tokens per site."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Batches per checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the dump subsample."),
+    device: str = typer.Option("cpu", "--device", help="Device of the models and statistics."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Capture activation statistics (moments, cross moments, token dumps) over a corpus."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from gradfree.capture import make_config, run_capture
+    from gradfree.corpora import corpus_manifest, load_corpus
+    from gradfree.io import check_new_output
+    from gradfree.models import load_model
+
+    paired = teacher is not None or student is not None
+    if (model is not None) == paired or (paired and (teacher is None or student is None)):
+        raise GradfreeError("Pass --model, or both --teacher and --student.")
+    if corpus is None or out is None:
+        raise GradfreeError("Pass --corpus and --out.")
+    options = {
+        "sites": sites,
+        "layers": layers,
+        "full": full,
+        "cross_sites": cross_sites,
+        "layer_map": layer_map,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "exclude_first": exclude_first,
+        "split_first": split_first,
+        "dump_sites": dump_sites,
+        "dump_rate": dump_rate,
+        "dump_max": dump_max,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+    }
+    config = make_config({k: v for k, v in options.items() if v is not None})
+    check_new_output(out, overwrite)  # fail before loading anything
+    docs = load_corpus(corpus, split=split, limit=limit)
+    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
+    subjects: Any
+    if model is not None:
+        subjects = load_model(model, device=device, dtype=dtype)
+    else:
+        subjects = {
+            "teacher": load_model(str(teacher), device=device, dtype=dtype),
+            "student": load_model(str(student), device=device, dtype=dtype),
+        }
+    t0 = time.perf_counter()
+    try:
+        cap = run_capture(
+            subjects, docs, out, config, corpus=manifest, overwrite=overwrite, progress=progress
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"error: interrupted; work up to the last checkpoint is kept in {out}.partial and "
+            "the same command resumes from there.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    _summary(cap, "capture", time.perf_counter() - t0)
+
+
+def merge(
+    captures: list[Path] = typer.Argument(..., help="Capture folders over disjoint documents."),
+    out: Path = typer.Option(..., "--out", help="Output capture folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Merge captures of the same models and settings over disjoint documents."""
+    import time
+
+    from gradfree.capture import merge_captures
+
+    t0 = time.perf_counter()
+    cap = merge_captures(captures, out, overwrite=overwrite)
+    _summary(cap, "merged capture", time.perf_counter() - t0)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
-    _ = app
+    """Add `capture` (and its `merge` subcommand) to the root app."""
+    sub = typer.Typer(
+        help="Capture activation statistics; `capture merge` combines captures.",
+        invoke_without_command=True,
+        no_args_is_help=False,
+    )
+    sub.callback(invoke_without_command=True)(capture)
+    sub.command("merge")(merge)
+    app.add_typer(sub, name="capture")

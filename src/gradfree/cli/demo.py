@@ -1,10 +1,43 @@
-"""`gradfree demo`: (to be filled in)."""
+"""`gradfree demo`: the main job on the embedded default (real small models, real text)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
+    teacher: str = typer.Option("qwen2.5-coder-1.5b-instruct", "--teacher", help="Teacher model."),
+    student: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--student", help="Student model."),
+    calibration_limit: int = typer.Option(
+        64, "--calibration-limit", min=1, help="Calibration documents to capture."
+    ),
+    public_limit: int = typer.Option(8, "--public-limit", min=1, help="Public-text documents."),
+    max_length: int = typer.Option(256, "--max-length", min=8, help="Window length in tokens."),
+    questions: bool = typer.Option(True, "--questions/--no-questions", help="Place questions."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Fetch the default pair and texts, capture, analyse spectra, evaluate, write report.md."""
+    from gradfree.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        teacher=teacher,
+        student=student,
+        calibration_limit=calibration_limit,
+        public_limit=public_limit,
+        max_length=max_length,
+        questions=questions,
+        device=device,
+        dtype=dtype,
+    )
+    path = run_demo(cfg, out, overwrite=overwrite, say=lambda m: typer.echo(m, err=True))
+    typer.echo(str(path / "report.md"))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
-    _ = app
+    app.command("demo")(demo_command)

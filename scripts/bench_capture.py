@@ -1,0 +1,260 @@
+"""Benchmark `gradfree capture` on a real model: hook/statistics overhead and peak memory.
+
+1. Overhead: plain forward passes (torch.inference_mode, no statistics) over the same batches
+   that the capture runs, against the capture's batch loop with the default sites
+   (resid_pre + final.normed, full float64 covariances). Two baselines are reported: the full LM
+   (with logits) and the forward pass cut after the final norm (what the capture needs; it never
+   computes logits). Goal: < 10 % overhead.
+2. Memory: captures of increasing token counts, each in a fresh subprocess, report the RSS after
+   loading the model and the peak RSS during the capture alone (Linux: the peak is reset through
+   ``/proc/self/clear_refs`` and read from ``VmHWM``; elsewhere ``ru_maxrss``, which then includes
+   the model load). It must stay flat as tokens grow.
+
+Timings are wall-clock and CPU seconds (all threads). Both are noisy on a busy machine (OpenMP
+threads spin when cores are oversubscribed): run it on an idle one for the record.
+
+    .venv/bin/python scripts/bench_capture.py          # 8k tokens timed, best of 3; RSS at 2k-32k
+    .venv/bin/python scripts/bench_capture.py --quick  # 1k tokens timed once; RSS at 512, 1k, 2k
+
+Not part of the test suite. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Doc:
+    id: str
+    text: str
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[Doc]] | None:
+    from gradfree.corpora import load_corpus
+    from gradfree.errors import GradfreeError
+    from gradfree.models import MODELS, is_fetched, load_model
+
+    if args.model in MODELS and not is_fetched(args.model):
+        print(f"Model {args.model} is not fetched; run `gradfree models fetch {args.model}` first.")
+        return None
+    try:
+        docs = load_corpus(args.corpus, args.split)
+    except GradfreeError as e:
+        print(f"Corpus unavailable: {e}")
+        return None
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    return loaded, [Doc(d.id, d.text) for d in docs]
+
+
+def _docs_for(tokenizer: Any, docs: list[Doc], n_tokens: int) -> list[Doc]:
+    """Corpus documents in order (cycled with new ids if needed) until ``n_tokens`` tokens."""
+    out: list[Doc] = []
+    total, lap = 0, 0
+    while total < n_tokens:
+        for d in docs:
+            ids = tokenizer(d.text, verbose=False)["input_ids"]
+            take = min(len(ids), n_tokens - total)
+            text = d.text if take == len(ids) else tokenizer.decode(ids[:take])
+            out.append(Doc(f"{d.id}#{lap}", text))
+            total += take
+            if total >= n_tokens:
+                break
+        lap += 1
+    return out
+
+
+def _batches(tokenizer: Any, docs: list[Doc], max_length: int, batch_size: int) -> list[Any]:
+    import torch
+
+    windows = []
+    for d in docs:
+        ids = tokenizer(d.text, verbose=False)["input_ids"]
+        windows += [ids[s : s + max_length] for s in range(0, len(ids), max_length)]
+    pad = tokenizer.pad_token_id or 0
+    out = []
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        t = max(len(w) for w in group)
+        ids = torch.full((len(group), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), t), dtype=torch.long)
+        for r, w in enumerate(group):
+            ids[r, : len(w)], mask[r, : len(w)] = torch.tensor(w), 1
+        out.append((ids, mask))
+    return out
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def _time_plain(
+    model: Any, batches: list[Any], device: str, to_final_norm: bool
+) -> tuple[float, float]:
+    import torch
+
+    from gradfree.adapters import get_adapter
+    from gradfree.capture import site_hooks
+
+    adapter = get_adapter(model)
+    keys = ["final.normed"] if to_final_norm else []
+    t0 = _clock()
+    with torch.inference_mode(), site_hooks(adapter, keys, lambda k, x: None) as hooks:
+        for ids, mask in batches:
+            if to_final_norm:
+                hooks.forward(ids.to(device), mask.to(device))
+            else:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    return _since(t0)
+
+
+def _capture(loaded: Any, docs: list[Doc], args: argparse.Namespace) -> dict[str, Any]:
+    from gradfree.capture import run_capture
+
+    cfg = {"max_length": args.max_length, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = _clock()
+        cap = run_capture(loaded, docs, Path(tmp) / "cap", cfg, progress=False)
+        wall, cpu = _since(t0)
+        return {
+            "loop_s": cap.manifest["seconds"],
+            "loop_cpu_s": cap.manifest["cpu_seconds"],
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "tokens": cap.tokens("model"),
+        }
+
+
+def _child(args: argparse.Namespace) -> None:
+    got = _load(args)
+    if got is None:
+        sys.exit(3)
+    loaded, docs = got
+    docs = _docs_for(loaded.tokenizer, docs, args.child)
+    warm = _batches(loaded.tokenizer, docs[:1], 16, 1)
+    _time_plain(loaded.model, warm, args.device, False)  # page the (memory-mapped) weights in
+    rss_loaded = _rss_mb()
+    reset = _reset_peak()
+    result = _capture(loaded, docs, args)
+    result["rss_loaded_mb"] = rss_loaded
+    result["peak_rss_mb"] = _rss_mb("VmHWM") if reset else _rss_mb("ru_maxrss")
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--corpus", default="tourguide")
+    p.add_argument("--split", default="calibration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--timing-tokens", type=int, default=8192)
+    p.add_argument("--rss-tokens", default="2048,8192,32768")
+    p.add_argument("--repeats", type=int, default=3, help="Timing repeats (fastest reported).")
+    p.add_argument("--quick", action="store_true", help="1k tokens timed; RSS at 512, 1k, 2k.")
+    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.timing_tokens, args.rss_tokens, args.repeats = 1024, "512,1024,2048", 1
+    if args.child:
+        _child(args)
+        return
+    got = _load(args)
+    if got is None:
+        return
+    loaded, corpus = got
+    import torch
+
+    torch.manual_seed(0)
+    docs = _docs_for(loaded.tokenizer, corpus, args.timing_tokens)
+    batches = _batches(loaded.tokenizer, docs, args.max_length, args.batch_size)
+    _time_plain(loaded.model, batches[:1], args.device, False)  # warm-up
+    _time_plain(loaded.model, batches[:1], args.device, True)
+    runs = []
+    for _ in range(args.repeats):  # interleaved; the fastest of each kind is reported
+        runs.append(
+            (
+                _time_plain(loaded.model, batches, args.device, False),
+                _time_plain(loaded.model, batches, args.device, True),
+                _capture(loaded, docs, args),
+            )
+        )
+    full = min(r[0] for r in runs)
+    trunk = min(r[1] for r in runs)
+    cap = min((r[2] for r in runs), key=lambda c: c["loop_s"])
+    loop = (cap["loop_s"], cap["loop_cpu_s"])
+    print(
+        f"\n## Capture overhead ({args.model}, {args.device}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, {cap['tokens']} tokens in {len(batches)} batches)\n"
+    )
+    print("| run | wall (s) | CPU (s) | capture overhead, wall | capture overhead, CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (w, c) in (
+        ("plain forward, full LM (logits)", full),
+        ("plain forward to final norm", trunk),
+    ):
+        print(
+            f"| {name} | {w:.2f} | {c:.2f} | {100 * (loop[0] / w - 1):+.1f} % "
+            f"| {100 * (loop[1] / c - 1):+.1f} % |"
+        )
+    print(f"| capture loop (default sites) | {loop[0]:.2f} | {loop[1]:.2f} | | |")
+    whole = f"{cap['wall_s']:.2f} | {cap['cpu_s']:.2f}"
+    print(f"| capture, whole call (tokenize + loop + write) | {whole} | | |")
+    print("\n## Peak RSS vs tokens (one subprocess each)\n")
+    print(
+        "| tokens | RSS after load + warm-up (MB) | peak RSS during capture (MB) "
+        "| capture loop (s) |"
+    )
+    print("|---:|---:|---:|---:|")
+    for n in [int(x) for x in args.rss_tokens.split(",")]:
+        cmd = [sys.executable, __file__, "--child", str(n)]
+        for flag in ("model", "corpus", "split", "device", "dtype", "max_length", "batch_size"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"| {n} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+            continue
+        r = json.loads(line[len("RESULT ") :])
+        print(
+            f"| {r['tokens']} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['loop_s']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Pure solvers shared by compression (teacher → student) and alignment: tensor in, tensor out.
+
+No model plumbing and no Hugging Face imports: every function takes matrices (often streamed
+statistics such as XᵀX, XᵀY or a teacher×student cross-moment) and returns matrices or numbers.
+Numerics follow :mod:`gradfree.numerics`: everything is computed in float64 and returned in
+float64 on the input's device, since results feed further solves and are folded into weights in
+float64 before the one final cast to the model's dtype; eigenvector signs are deterministic.
+
+Modules: ``procrustes`` (orthogonal / semi-orthogonal / block-diagonal Procrustes), ``pca``
+(principal bases), ``tiers`` (seed 000's trunk/residual basis and per-tier alignment),
+``grassmann`` (transition cost, principal angles, geodesic blend of bases), ``ridge`` (ridge
+toward a prior from sufficient statistics, chunked for LM heads), ``assign`` (Hungarian matching,
+grouped, and Pearson correlation from statistics), ``layermap`` (linear CKA, monotone layer maps
+by dynamic programming), ``merge_alpha`` (closed-form merge weights), ``householder``
+(reflections as a closed-form refinement).
+"""
+
+from gradfree.solvers.assign import correlation_from_stats, grouped_hungarian, hungarian
+from gradfree.solvers.grassmann import geodesic_average, principal_angles, transition_cost
+from gradfree.solvers.householder import (
+    best_reflection,
+    best_reflection_from_cross,
+    householder_from_vectors,
+    refine_with_reflections,
+    reflection_gain,
+)
+from gradfree.solvers.layermap import (
+    linear_cka_from_moments,
+    linear_cka_from_stats,
+    monotone_layer_map,
+)
+from gradfree.solvers.merge_alpha import (
+    linear_loss_from_stats,
+    optimal_alpha,
+    optimal_alpha_per_row,
+)
+from gradfree.solvers.pca import pca_basis, variance_preserved
+from gradfree.solvers.procrustes import (
+    blockwise_procrustes,
+    procrustes,
+    procrustes_from_cross,
+    procrustes_scale,
+    semi_orthogonal_map,
+)
+from gradfree.solvers.ridge import (
+    iter_ridge_chunks,
+    resolve_lambda,
+    ridge_from_stats,
+    ridge_from_stats_chunked,
+)
+from gradfree.solvers.tiers import (
+    align_tiers,
+    joint_semi_orthogonal,
+    project_cross,
+    two_tier_basis,
+)
+
+__all__ = [
+    "align_tiers",
+    "best_reflection",
+    "best_reflection_from_cross",
+    "blockwise_procrustes",
+    "correlation_from_stats",
+    "geodesic_average",
+    "grouped_hungarian",
+    "householder_from_vectors",
+    "hungarian",
+    "iter_ridge_chunks",
+    "joint_semi_orthogonal",
+    "linear_cka_from_moments",
+    "linear_cka_from_stats",
+    "linear_loss_from_stats",
+    "monotone_layer_map",
+    "optimal_alpha",
+    "optimal_alpha_per_row",
+    "pca_basis",
+    "principal_angles",
+    "procrustes",
+    "procrustes_from_cross",
+    "procrustes_scale",
+    "project_cross",
+    "refine_with_reflections",
+    "reflection_gain",
+    "resolve_lambda",
+    "ridge_from_stats",
+    "ridge_from_stats_chunked",
+    "semi_orthogonal_map",
+    "transition_cost",
+    "two_tier_basis",
+    "variance_preserved",
+]

@@ -1,0 +1,80 @@
+"""Data-driven layer maps: linear CKA from moments and the best monotone student→teacher map.
+
+Linear CKA (Kornblith et al. 2019, "Similarity of neural network representations revisited")
+between two representations of the same tokens, from centered (cross-)covariances:
+CKA = ‖C_xy‖_F² / (‖C_xx‖_F ‖C_yy‖_F). It is invariant to orthogonal transforms and isotropic
+scaling of either side and allows different widths, so it compares a student layer with a
+teacher layer directly.
+
+Given a score S[j, i] for student layer j against teacher layer i, :func:`monotone_layer_map`
+finds the non-decreasing (or strictly increasing) map j → m(j) that maximises Σ_j S[j, m(j)] by
+dynamic programming, the monotone alignment used for sequence alignment (dynamic time warping,
+Sakoe & Chiba 1978) restricted to one teacher layer per student layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradfree.capture.stats import CrossStats, MomentStats
+from gradfree.numerics import f64
+
+
+def linear_cka_from_moments(cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor) -> float:
+    """‖C_xy‖_F² / (‖C_xx‖_F ‖C_yy‖_F) for centered covariances C_xx (dx×dx), C_yy (dy×dy) and
+    the centered cross-covariance C_xy (dx×dy) of the same tokens. In [0, 1]."""
+    if cxy.shape != (cxx.shape[0], cyy.shape[0]):
+        raise ValueError(f"cxy must be {cxx.shape[0]}×{cyy.shape[0]}, got {tuple(cxy.shape)}")
+    denom = float(torch.linalg.matrix_norm(f64(cxx))) * float(torch.linalg.matrix_norm(f64(cyy)))
+    if denom <= 0:
+        raise ValueError("a representation has zero variance; CKA is undefined")
+    return float(torch.linalg.matrix_norm(f64(cxy)) ** 2) / denom
+
+
+def linear_cka_from_stats(cross: CrossStats, stats_x: MomentStats, stats_y: MomentStats) -> float:
+    """:func:`linear_cka_from_moments` from streamed statistics (full moments needed)."""
+    if not cross.count == stats_x.count == stats_y.count:
+        raise ValueError("the cross and per-stream statistics must cover the same tokens")
+    return linear_cka_from_moments(
+        stats_x.covariance(), stats_y.covariance(), cross.cross_covariance(centered=True)
+    )
+
+
+def monotone_layer_map(
+    score: torch.Tensor | np.ndarray, strict: bool = False, anchor_ends: bool = False
+) -> list[int]:
+    """The map j → m(j) (student layer j → teacher layer) maximising Σ_j S[j, m(j)] for a score
+    matrix S of shape (L_s, L_t), with m non-decreasing (``strict``: strictly increasing, which
+    needs L_t >= L_s). ``anchor_ends`` forces m(0) = 0 and m(L_s − 1) = L_t − 1.
+
+    O(L_s · L_t) dynamic programming: best[j, i] = S[j, i] + max_{i' <= i} best[j − 1, i']
+    (i' < i when strict). Ties go to the smaller teacher index.
+    """
+    s = score.detach().cpu().double().numpy() if isinstance(score, torch.Tensor) else score
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim != 2 or 0 in s.shape or not np.isfinite(s).all():
+        raise ValueError("the score matrix must be a finite, non-empty L_s×L_t matrix")
+    n_s, n_t = s.shape
+    if strict and n_t < n_s:
+        raise ValueError(f"a strictly increasing map needs L_t >= L_s, got {n_t} < {n_s}")
+    best = np.full((n_s, n_t), -np.inf)
+    back = np.zeros((n_s, n_t), dtype=np.int64)
+    best[0] = s[0]
+    if anchor_ends:
+        best[0, 1:] = -np.inf
+    for j in range(1, n_s):
+        run_val, run_idx = -np.inf, 0  # running max of best[j-1, :i] (strict) or [: i + 1]
+        for i in range(n_t):
+            if not strict and best[j - 1, i] > run_val:
+                run_val, run_idx = best[j - 1, i], i
+            best[j, i], back[j, i] = s[j, i] + run_val, run_idx
+            if strict and best[j - 1, i] > run_val:
+                run_val, run_idx = best[j - 1, i], i
+    last = n_t - 1 if anchor_ends else int(np.argmax(best[-1]))  # argmax: first of ties
+    if not np.isfinite(best[-1, last]):
+        raise ValueError("no monotone map satisfies the constraints")
+    path = [last]
+    for j in range(n_s - 1, 0, -1):
+        path.append(int(back[j, path[-1]]))
+    return path[::-1]

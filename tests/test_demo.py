@@ -1,0 +1,59 @@
+"""The main job end to end on tiny saved models (the real pair runs in `make demo`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gradfree.demo import DemoConfig, run_demo
+from gradfree.errors import GradfreeError
+from gradfree.testing import save_tiny
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pair")
+    teacher = save_tiny(d / "t", "qwen2", seed=1, hidden_size=96, num_attention_heads=6)
+    student = save_tiny(d / "s", "qwen2", seed=2)
+    return teacher, student
+
+
+def _cfg(pair: tuple[Path, Path]) -> DemoConfig:
+    return DemoConfig(
+        teacher=str(pair[0]),
+        student=str(pair[1]),
+        calibration_limit=4,
+        heldout_limit=3,
+        public_corpus="tourguide",
+        public_limit=2,
+        max_length=48,
+    )
+
+
+def test_demo_writes_one_complete_folder(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    out = run_demo(_cfg(pair), tmp_path / "demo", say=lambda _: None)
+    report = (out / "report.md").read_text()
+    for section in ("## Capture", "## Spectra", "## Evaluation", "## Time and memory"):
+        assert section in report
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["teacher"] == str(pair[0])
+    assert {r["stage"] for r in run["stages"]} >= {"paired capture (teacher + student)"}
+    assert (out / "capture" / "manifest.json").is_file()
+    assert (out / "spectrum" / "student" / "spectrum.md").is_file()
+    ev = json.loads((out / "eval" / "student-tourguide-heldout" / "eval.json").read_text())
+    # The student and teacher are different random models: KL must be positive and finite.
+    assert ev["teacher"]["kl_mean"] > 0 and ev["teacher"]["teacher_ppl"] > 1
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_demo_refuses_an_existing_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(GradfreeError, match="already exists"):
+        run_demo(_cfg(pair), tmp_path / "demo", say=lambda _: None)
+
+
+def test_demo_config_is_strict() -> None:
+    with pytest.raises(ValueError, match="extra"):
+        DemoConfig(teacher="a", unknown_field=1)  # type: ignore[call-arg]
