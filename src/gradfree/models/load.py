@@ -188,8 +188,22 @@ def fingerprint(resolved: ResolvedModel, model: Any, tok: Any, dtype: str) -> di
 
 
 def _hub_offline() -> bool:
-    # Read at call time (huggingface_hub reads it once at import), so tests can set it.
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    """True when the hub is switched off or cannot be reached at all.
+
+    HF_HUB_OFFLINE is read at call time (huggingface_hub reads it once at import). Otherwise one
+    short TCP probe decides, so that an unreachable hub fails at once instead of after ~50 s of
+    retries per file."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
