@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -225,11 +226,9 @@ def _str_field(obj: dict[str, Any], key: str, default: str, where: str) -> str:
     return value
 
 
-def read_jsonl(path: Path, source: str | None = None) -> list[Document]:
-    """Documents from a JSONL file: objects with at least "text"; id defaults to
-    ``<stem>-<line>``, lang to "und", split to "calibration"; other keys go to ``meta``."""
-    docs = []
-    seen: dict[str, int] = {}
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "<path> line N", object) for every non-blank line of a JSONL file; any
+    line that is not a JSON object is a one-sentence error naming the file and line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -244,6 +243,15 @@ def read_jsonl(path: Path, source: str | None = None) -> list[Document]:
             raise GradfreeError(f"{where} is not valid JSON ({e.msg}).") from e
         if not isinstance(obj, dict):
             raise GradfreeError(f"{where} is not a JSON object.")
+        yield n, where, obj
+
+
+def read_jsonl(path: Path, source: str | None = None) -> list[Document]:
+    """Documents from a JSONL file: objects with at least "text"; id defaults to
+    ``<stem>-<line>``, lang to "und", split to "calibration"; other keys go to ``meta``."""
+    docs = []
+    seen: dict[str, int] = {}
+    for n, where, obj in _jsonl_objects(path):
         if not isinstance(obj.get("text"), str) or not obj["text"].strip():
             raise GradfreeError(f'{where} has no non-empty "text" string.')
         doc_id = _str_field(obj, "id", f"{path.stem}-{n}", where)
@@ -347,15 +355,8 @@ def load_questions() -> list[Question]:
     """The tourguide held-out place questions."""
     path = _builtin_file("tourguide_questions.jsonl")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GradfreeError(f"{where} is not valid JSON ({e.msg}).") from e
-        answers = obj.get("answers") if isinstance(obj, dict) else None
+    for _, where, obj in _jsonl_objects(path):
+        answers = obj.get("answers")
         if (
             not isinstance(answers, list)
             or not answers
