@@ -140,13 +140,16 @@ def _time_plain(
     return _since(t0)
 
 
-def _capture(loaded: Any, docs: list[Doc], args: argparse.Namespace) -> dict[str, Any]:
+def _capture(
+    loaded: Any, docs: list[Doc], args: argparse.Namespace, trace: list[float] | None = None
+) -> dict[str, Any]:
     from gradfree.capture import run_capture
 
     cfg = {"max_length": args.max_length, "batch_size": args.batch_size}
+    on_batch = None if trace is None else (lambda _b: trace.append(_rss_mb()))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = _clock()
-        cap = run_capture(loaded, docs, Path(tmp) / "cap", cfg, progress=False)
+        cap = run_capture(loaded, docs, Path(tmp) / "cap", cfg, progress=False, on_batch=on_batch)
         wall, cpu = _since(t0)
         return {
             "loop_s": cap.manifest["seconds"],
@@ -172,7 +175,12 @@ def _child(args: argparse.Namespace) -> None:
             p.sum()
     rss_loaded = _rss_mb()
     reset = _reset_peak()
-    result = _capture(loaded, docs, args)
+    trace: list[float] = []  # RSS after every batch: growth that stops is allocator warm-up
+    result = _capture(loaded, docs, args, trace)
+    half = trace[len(trace) // 2 :]
+    result["rss_first_batch_mb"] = trace[0] if trace else float("nan")
+    result["rss_second_half_growth_mb"] = (half[-1] - half[0]) if half else float("nan")
+    result["batches"] = len(trace)
     result["rss_loaded_mb"] = rss_loaded
     result["peak_rss_mb"] = _rss_mb("VmHWM") if reset else _rss_mb("ru_maxrss")
     print("RESULT " + json.dumps(result))
@@ -191,6 +199,7 @@ def main() -> None:
     p.add_argument("--rss-tokens", default="2048,8192,32768")
     p.add_argument("--repeats", type=int, default=3, help="Timing repeats (fastest reported).")
     p.add_argument("--quick", action="store_true", help="1k tokens timed; RSS at 512, 1k, 2k.")
+    p.add_argument("--only", choices=("timing", "rss"), help="Run one of the two parts.")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -198,6 +207,13 @@ def main() -> None:
     if args.child:
         _child(args)
         return
+    if args.only != "rss":
+        _timing(args)
+    if args.only != "timing":
+        _rss_table(args)
+
+
+def _timing(args: argparse.Namespace) -> None:
     got = _load(args)
     if got is None:
         return
@@ -239,12 +255,16 @@ def main() -> None:
     print(f"| capture loop (default sites) | {loop[0]:.2f} | {loop[1]:.2f} | | |")
     whole = f"{cap['wall_s']:.2f} | {cap['cpu_s']:.2f}"
     print(f"| capture, whole call (tokenize + loop + write) | {whole} | | |")
+
+
+def _rss_table(args: argparse.Namespace) -> None:
     print("\n## Peak RSS vs tokens (one subprocess each)\n")
     print(
-        "| tokens | RSS after load + warm-up (MB) | peak RSS during capture (MB) "
+        "| tokens | batches | RSS after load + warm-up (MB) | RSS after batch 1 (MB) "
+        "| peak RSS during capture (MB) | RSS growth over the last half of the batches (MB) "
         "| capture loop (s) |"
     )
-    print("|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in [int(x) for x in args.rss_tokens.split(",")]:
         cmd = [sys.executable, __file__, "--child", str(n)]
         for flag in ("model", "corpus", "split", "device", "dtype", "max_length", "batch_size"):
@@ -252,12 +272,13 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"| {n} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+            print(f"| {n} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | | | |")
             continue
         r = json.loads(line[len("RESULT ") :])
         print(
-            f"| {r['tokens']} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-            f"| {r['loop_s']:.2f} |"
+            f"| {r['tokens']} | {r['batches']} | {r['rss_loaded_mb']:.0f} "
+            f"| {r['rss_first_batch_mb']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['rss_second_half_growth_mb']:+.0f} | {r['loop_s']:.2f} |"
         )
 
 

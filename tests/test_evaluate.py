@@ -238,6 +238,25 @@ def test_questions_run_with_the_plain_prompt(tok) -> None:
     assert again["items"] == qa["items"]  # greedy: deterministic
 
 
+def test_batched_answers_equal_one_at_a_time(tok) -> None:
+    import torch
+
+    model = tiny_model("qwen2").to(torch.float64)  # float64: padding must change no argmax
+    qs = [
+        *QUESTIONS,
+        SimpleNamespace(
+            id="q3",
+            question="Which river runs through Cairo, the big city?",
+            answers=["Nile"],
+            lang="en",
+        ),
+    ]
+    one = answer_questions(model, tok, qs, "Answer briefly.", max_new_tokens=5, batch_size=1)
+    batched = answer_questions(model, tok, qs, "Answer briefly.", max_new_tokens=5, batch_size=3)
+    assert [it["generated"] for it in batched["items"]] == [it["generated"] for it in one["items"]]
+    assert tok.padding_side == "right"  # restored after generation
+
+
 def test_chat_template_is_used_when_present() -> None:
     tok = tiny_tokenizer()
     tok.chat_template = (

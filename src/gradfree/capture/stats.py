@@ -47,6 +47,14 @@ def _gram_add_(m: torch.Tensor, x: torch.Tensor) -> None:
             m[b0:b1, a0:a1].copy_(m[a0:a1, b0:b1].T)
 
 
+def _ones(x: torch.Tensor) -> torch.Tensor:
+    """A ones vector over the rows of ``x``: column sums as one BLAS matrix-vector product
+    (``Xᵀ1``), several times faster on CPU than ``x.sum(0)``'s strided reduction."""
+    import torch
+
+    return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+
+
 def _zeros(*shape: int, device: torch.device | str | None = None) -> torch.Tensor:
     import torch
 
@@ -102,15 +110,16 @@ class MomentStats:
             return self
         x = x.detach().to(device=self.sum.device, dtype=torch.float64)
         self.count += int(x.shape[0])
-        self.sum += x.sum(0)
-        x2 = x * x
+        ones = _ones(x)
+        self.sum.addmv_(x.T, ones)
         if self.full:
             _gram_add_(self.m2, x)
-        else:
-            self.m2 += x2.sum(0)
-        self.m3 += (x2 * x).sum(0)
-        self.m4 += (x2 * x2).sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        x2 = x * x
+        if not self.full:
+            self.m2.addmv_(x2.T, ones)
+        self.m3.addmv_((x2 * x).T, ones)
+        self.m4.addmv_(x2.mul_(x2).T, ones)  # x2 is not needed after this
+        self.absmax = torch.maximum(self.absmax, torch.maximum(x.amax(0), -x.amin(0)))
         return self
 
     partial_fit = update
@@ -288,8 +297,8 @@ class CrossStats:
         a = a.detach().to(device=self.m_ab.device, dtype=torch.float64)
         b = b.detach().to(device=self.m_ab.device, dtype=torch.float64)
         self.count += int(a.shape[0])
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
+        self.sum_a.addmv_(a.T, _ones(a))
+        self.sum_b.addmv_(b.T, _ones(b))
         self.m_ab.addmm_(a.T, b)
         return self
 
