@@ -1,4 +1,4 @@
-"""`gradfree merge` end to end on tiny model folders: identity cases, references, reloads, errors."""
+"""`gradfree merge` end to end on tiny model folders: identities, references, reloads, errors."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _identity_recipes(work: Path) -> dict[str, tuple[dict[str, Any], str]]:
                 "parameters": {"scaling": 0.0},
             },
             "base",
-        ),  # fmt: skip
+        ),
         "ties": ({"method": "ties", "models": w10, "base_model": base}, "a"),
         "dare_ties": ({"method": "dare_ties", "models": w10, "base_model": base}, "a"),
         "dare_linear": ({"method": "dare_linear", "models": w10, "base_model": base}, "a"),
@@ -81,9 +81,18 @@ def _identity_recipes(work: Path) -> dict[str, tuple[dict[str, Any], str]]:
 
 @pytest.mark.parametrize(
     "method",
-    ["linear", "uniform", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-     "fisher", "regmean"],
-)  # fmt: skip
+    [
+        "linear",
+        "uniform",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "fisher",
+        "regmean",
+    ],
+)
 def test_identity_merge_returns_the_first_or_base_model_exactly(
     work: Path, tmp_path: Path, method: str
 ) -> None:
@@ -101,8 +110,13 @@ def test_linear_merge_reloads_in_transformers_and_records_its_inputs(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     a, b = str(work / "a"), str(work / "b")
-    recipe = {"method": "linear", "models": [{"model": a, "parameters": {"weight": 0.3}},
-                                             {"model": b, "parameters": {"weight": 0.7}}]}  # fmt: skip
+    recipe = {
+        "method": "linear",
+        "models": [
+            {"model": a, "parameters": {"weight": 0.3}},
+            {"model": b, "parameters": {"weight": 0.7}},
+        ],
+    }
     out = tmp_path / "soup"
     result = merge(recipe, out, say=lambda m: None)
     wa, wb = _weights(work / "a"), _weights(work / "b")
@@ -124,7 +138,7 @@ def test_linear_merge_reloads_in_transformers_and_records_its_inputs(
     assert again.model_dump() == rec["recipe"] | {"models": again.model_dump()["models"]}
     assert [m.parameters for m in again.models] == [{"weight": 0.3}, {"weight": 0.7}]
     d = rec["relative_distance_to_inputs"]
-    assert 0 < d[a] and 0 < d[b] and d[b] < d[a]  # closer to the heavier model
+    assert d[a] > 0 and d[b] > 0 and d[b] < d[a]  # closer to the heavier model
     assert "# Merge: linear" in (out / "report.md").read_text()
 
 
@@ -140,8 +154,12 @@ def test_tied_models_merge_into_a_tied_checkpoint(work: Path, tmp_path: Path) ->
 
 
 def test_slerp_midpoint_matches_an_independent_formula(work: Path, tmp_path: Path) -> None:
-    merge({"method": "slerp", "models": [str(work / "a"), str(work / "b")]}, tmp_path / "s",
-          dtype="float64", say=lambda m: None)  # fmt: skip
+    merge(
+        {"method": "slerp", "models": [str(work / "a"), str(work / "b")]},
+        tmp_path / "s",
+        dtype="float64",
+        say=lambda m: None,
+    )
     got = _weights(tmp_path / "s")
     wa, wb = _weights(work / "a"), _weights(work / "b")
     name = "model.layers.1.mlp.up_proj.weight"
@@ -152,8 +170,12 @@ def test_slerp_midpoint_matches_an_independent_formula(work: Path, tmp_path: Pat
 
 
 def test_dare_is_reproducible_for_a_seed(work: Path, tmp_path: Path) -> None:
-    recipe = {"method": "dare_linear", "models": [str(work / "a"), str(work / "b")],
-              "base_model": str(work / "base"), "parameters": {"density": 0.5}}  # fmt: skip
+    recipe = {
+        "method": "dare_linear",
+        "models": [str(work / "a"), str(work / "b")],
+        "base_model": str(work / "base"),
+        "parameters": {"density": 0.5},
+    }
     for name, seed in (("x", 0), ("y", 0), ("z", 1)):
         merge({**recipe, "seed": seed}, tmp_path / name, say=lambda m: None)
     x, y, z = (_weights(tmp_path / n) for n in "xyz")
@@ -183,18 +205,28 @@ def test_regmean_equals_least_squares_on_the_data_behind_the_grams(
     work: Path, tmp_path: Path
 ) -> None:
     a, b = work / "a", work / "b"
-    recipe = {"method": "regmean", "models": [str(a), str(b)], "calibration": _calibration(work),
-              "parameters": {"alpha": 1.0, "ridge": 0.0}}  # fmt: skip
+    recipe = {
+        "method": "regmean",
+        "models": [str(a), str(b)],
+        "calibration": _calibration(work),
+        "parameters": {"alpha": 1.0, "ridge": 0.0},
+    }
     result = merge(recipe, tmp_path / "rm", dtype="float64", say=lambda m: None)
     assert result.record["method_summary"]["linears"] == 14
     got = _weights(tmp_path / "rm")
     wa, wb = _weights(a), _weights(b)
-    for module, bias in (("model.layers.1.self_attn.q_proj", True), ("model.layers.0.mlp.down_proj", False)):  # fmt: skip
+    for module, bias in (
+        ("model.layers.1.self_attn.q_proj", True),
+        ("model.layers.0.mlp.down_proj", False),
+    ):
         xs = [_linear_inputs(f, module) for f in (a, b)]
         ws = [w[f"{module}.weight"].double() for w in (wa, wb)]
         if bias:
             xs = [torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) for x in xs]
-            ws = [torch.cat([w, v[f"{module}.bias"].double()[:, None]], 1) for w, v in zip(ws, (wa, wb), strict=True)]  # fmt: skip
+            ws = [
+                torch.cat([w, v[f"{module}.bias"].double()[:, None]], 1)
+                for w, v in zip(ws, (wa, wb), strict=True)
+            ]
         x = torch.cat(xs)
         y = torch.cat([xi @ wi.T for xi, wi in zip(xs, ws, strict=True)])
         ref = torch.linalg.lstsq(x, y).solution.T
@@ -248,8 +280,15 @@ def test_greedy_soup_keeps_helpful_ingredients_and_rejects_harmful_ones(
     # a heavily perturbed ingredient only hurts.
     plus, minus = _perturbed(work, "plus", 1.0, 0.02), _perturbed(work, "minus", -1.0, 0.02)
     bad = _perturbed(work, "bad", 1.0, 1.0, seed=5)
-    sel = {"metric": "kl", "teacher": str(work / "a"), "corpus": str(work / "docs.jsonl"),
-           "split": None, "limit": None, "max_length": 64}  # fmt: skip
+    sel = {
+        "metric": "kl",
+        "teacher": str(work / "a"),
+        "corpus": str(work / "docs.jsonl"),
+        "split": None,
+        "limit": 4,
+        "max_length": 128,
+        "batch_size": 4,
+    }
     recipe = {
         "method": "greedy_soup",
         "models": [str(bad), str(plus), str(minus)],
@@ -297,9 +336,19 @@ def test_cli_merges_a_recipe(
     work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = tmp_path / "r.yaml"
-    body = {"method": "ties", "base_model": str(work / "base"),
-            "models": [str(work / "a"), str(work / "b")], "parameters": {"density": 0.5},
-            "evaluate": {"corpus": str(work / "docs.jsonl"), "split": None, "max_length": 64}}  # fmt: skip
+    body = {
+        "method": "ties",
+        "base_model": str(work / "base"),
+        "models": [str(work / "a"), str(work / "b")],
+        "parameters": {"density": 0.5},
+        "evaluate": {
+            "corpus": str(work / "docs.jsonl"),
+            "split": None,
+            "max_length": 64,
+            "limit": 2,
+            "batch_size": 4,
+        },
+    }
     recipe.write_text(yaml.safe_dump(body))
     code, out, err = _run(["merge", str(recipe), "--out", str(tmp_path / "o")], capsys)
     assert code == 0, err

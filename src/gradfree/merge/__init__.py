@@ -12,6 +12,7 @@ Importing this package imports neither torch nor transformers.
 
 from __future__ import annotations
 
+from gradfree.merge import fisher, greedy, linear, regmean, sparse  # noqa: F401 (registers the methods)
 from gradfree.merge.recipe import (
     CalibrationSpec,
     EvalSpec,

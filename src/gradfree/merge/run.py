@@ -326,8 +326,12 @@ def render_report(record: dict[str, Any], timings: str) -> str:
     for label, d in record["relative_distance_to_inputs"].items():
         lines.append(f"| {label} | {'n/a' if d is None else f'{d:.4g}'} |")
     o = record["output"]
-    lines += ["", f"{o['tensors']} tensors, {o['bytes'] / 1e6:.1f} MB in {o['dtype']}: "
-              f"{', '.join(o['files'])}.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"{o['tensors']} tensors, {o['bytes'] / 1e6:.1f} MB in {o['dtype']}: "
+        f"{', '.join(o['files'])}.",
+        "",
+    ]
     if record["method_summary"]:
         lines += [
             "## Method diagnostics",

@@ -177,17 +177,26 @@ GeneralizedTaskArithmetic.variant(
     ModelParams=WeightOnly,
 )
 GeneralizedTaskArithmetic.variant(
-    "ties", _TIES, "trim by magnitude, elect sign, disjoint merge", sparsify="magnitude",
+    "ties",
+    _TIES,
+    "trim by magnitude, elect sign, disjoint merge",
+    sparsify="magnitude",
     consensus="sign",
-)  # fmt: skip
+)
 GeneralizedTaskArithmetic.variant(
-    "dare_ties", _DARE, "DARE drop-and-rescale, then TIES sign election", sparsify="random",
+    "dare_ties",
+    _DARE,
+    "DARE drop-and-rescale, then TIES sign election",
+    sparsify="random",
     consensus="sign",
-)  # fmt: skip
+)
 GeneralizedTaskArithmetic.variant(
-    "dare_linear", _DARE, "DARE drop-and-rescale, then task arithmetic", sparsify="random",
+    "dare_linear",
+    _DARE,
+    "DARE drop-and-rescale, then task arithmetic",
+    sparsify="random",
     Params=TaskArithmeticParams,
-)  # fmt: skip
+)
 
 __all__ = [
     "GeneralizedTaskArithmetic",
