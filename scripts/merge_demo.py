@@ -136,6 +136,22 @@ def main() -> None:
             "method": "slerp",
             "models": [models["fused"], models["aligned"]],
         },
+        # The methods that measure statistics, at full scale (small calibration sets).
+        "fisher(fused, aligned)": {
+            "method": "fisher",
+            "models": [models["fused"], models["aligned"]],
+            "calibration": {"limit": 4, "max_length": 128},
+        },
+        "regmean(fused, aligned)": {
+            "method": "regmean",
+            "models": [models["fused"], models["aligned"]],
+            "calibration": {"limit": 8, "max_length": 128, "batch_size": 2},
+        },
+        "regmean(fused, rotated) unaligned": {
+            "method": "regmean",
+            "models": [models["fused"], models["rotated"]],
+            "calibration": {"limit": 8, "max_length": 128, "batch_size": 2},
+        },
     }
     for i, (name, recipe) in enumerate(recipes.items()):
         # Each merge runs in its own `gradfree merge` process, so its peak RSS is its own.

@@ -414,3 +414,34 @@ def test_cli_refuses_an_existing_output(
     )
     assert code == 0, err
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_ties_end_to_end_matches_an_elementwise_reference(work: Path, tmp_path: Path) -> None:
+    a, b, base = (str(work / n) for n in ("a", "b", "base"))
+    recipe = {
+        "method": "ties",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 1.0, "density": 0.3}},
+            {"model": b, "parameters": {"weight": 2.0, "density": 0.6}},
+        ],
+        "parameters": {"scaling": 0.8},
+    }
+    merge(recipe, tmp_path / "t", dtype="float64", say=lambda m: None)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    w0 = _weights(work / "base")[name].double().flatten()
+    taus = []
+    for folder, density in ((a, 0.3), (b, 0.6)):
+        tau = _weights(Path(folder))[name].double().flatten() - w0
+        keep = torch.topk(tau.abs(), round(density * tau.numel())).indices
+        trimmed = torch.zeros_like(tau)
+        trimmed[keep] = tau[keep]
+        taus.append(trimmed.tolist())
+    ref = []
+    for j in range(len(taus[0])):  # elect the sign of Σ wᵢ τᵢ, average the agreeing entries
+        vals = [(1.0 * taus[0][j], 1.0), (2.0 * taus[1][j], 2.0)]
+        total = vals[0][0] + vals[1][0]
+        agree = [(v, w) for v, w in vals if v != 0 and (v > 0) == (total > 0)]
+        ref.append(sum(v for v, _ in agree) / sum(w for _, w in agree) if agree and total else 0.0)
+    expected = w0 + 0.8 * torch.tensor(ref, dtype=torch.float64)
+    assert torch.allclose(_weights(tmp_path / "t")[name].flatten(), expected, atol=1e-12)

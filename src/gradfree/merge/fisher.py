@@ -138,8 +138,10 @@ class FisherMerge(TensorwiseMethod):
             fisher, tokens = diagonal_fisher(loaded.model, windows, ctx.device)
             del loaded
             path = ctx.work / f"fisher_{i}.safetensors"
-            save_file({n: f.to("cpu", torch.float32) for n, f in fisher.items()}, str(path))
-            del fisher
+            # Cast entry by entry, dropping each float64 tensor, so the copies never coexist.
+            stored = {n: fisher.pop(n).to("cpu", torch.float32) for n in list(fisher)}
+            save_file(stored, str(path))
+            del stored
             self._files.append(safe_open(str(path), framework="pt"))
             self.stats["windows"] = len(windows)
             self.stats["tokens_per_model"].append(tokens)
