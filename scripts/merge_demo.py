@@ -65,7 +65,8 @@ def _variants(args: argparse.Namespace, inputs: Path, log: dict[str, Any]) -> No
     # Alignment from activations only: cross-moments of the residual stream at a few blocks.
     fused, rot = load_model(str(inputs / "fused")), load_model(str(inputs / "rotated"))
     docs = load_corpus("tourguide", split="calibration", limit=args.align_docs)
-    layers = [2, 8, 14, 20]
+    n = fused.model.config.num_hidden_layers
+    layers = sorted({round(f * (n - 1)) for f in (0.1, 0.35, 0.6, 0.85)})
     cfg = make_config(sites=["resid_pre"], layers=layers, max_length=128, split_first=0)
     t0 = time.perf_counter()
     cap = run_capture(
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/merge_demo"))
     p.add_argument("--eval-limit", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--align-docs", type=int, default=32)
+    p.add_argument("--align-docs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
@@ -193,6 +194,13 @@ def main() -> None:
             f"| {r['model']} | {r['ppl']:.3f} | {r['tokens']} | "
             f"{r.get('merge_seconds', '')} | {r.get('merge_peak_rss_gib', '')} |"
         )
+    al = log["alignment"]
+    lines += [
+        "",
+        f"Alignment: Procrustes on {al['tokens']} tokens x {len(al['layers'])} blocks "
+        f"{al['layers']}; max |R - Q| = {al['max_abs_R_minus_Q']:.2e}, "
+        f"max |RᵀR - I| = {al['orthogonality_error_R']:.2e}.",
+    ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
