@@ -103,7 +103,6 @@ def main() -> None:
 
     from gradfree.corpora import load_corpus
     from gradfree.models import resolve_model
-    from gradfree.provenance import machine, versions
 
     out: Path = args.out
     inputs = out / "inputs"
@@ -119,14 +118,11 @@ def main() -> None:
     for name, folder in models.items():
         rows.append({"model": name, "recipe": "input", **_ppl(folder, docs, args)})
         print(rows[-1], flush=True)
+        _write_results(out, log, rows)
     recipes = {
         "linear(A, fused)": {"method": "linear", "models": [a_dir, models["fused"]]},
         "linear(fused, rotated) unaligned": {
             "method": "linear",
-            "models": [models["fused"], models["rotated"]],
-        },
-        "slerp(fused, rotated) unaligned": {
-            "method": "slerp",
             "models": [models["fused"], models["rotated"]],
         },
         "linear(fused, aligned)": {
@@ -179,8 +175,16 @@ def main() -> None:
         row["method_summary"] = record["method_summary"]
         rows.append(row)
         print(row, flush=True)
+        _write_results(out, log, rows)
         if not args.keep:
             shutil.rmtree(target)
+    _write_results(out, log, rows)
+
+
+def _write_results(out: Path, log: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Written after every row, so an interrupted run keeps what it measured."""
+    from gradfree.provenance import machine, versions
+
     log["rows"] = rows
     log["machine"] = machine()
     log["versions"] = versions()
