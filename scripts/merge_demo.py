@@ -120,7 +120,6 @@ def main() -> None:
         print(rows[-1], flush=True)
         _write_results(out, log, rows)
     recipes = {
-        "linear(A, fused)": {"method": "linear", "models": [a_dir, models["fused"]]},
         "linear(fused, rotated) unaligned": {
             "method": "linear",
             "models": [models["fused"], models["rotated"]],
@@ -129,6 +128,7 @@ def main() -> None:
             "method": "linear",
             "models": [models["fused"], models["aligned"]],
         },
+        "linear(A, fused)": {"method": "linear", "models": [a_dir, models["fused"]]},
         "slerp(fused, aligned)": {
             "method": "slerp",
             "models": [models["fused"], models["aligned"]],
