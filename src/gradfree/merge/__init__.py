@@ -1,0 +1,43 @@
+"""Same-shape model merging (``gradfree merge``): YAML recipes, registered methods, streaming IO.
+
+Methods (see :func:`list_methods`): ``linear``, ``uniform`` and ``greedy_soup`` (model soups),
+``slerp``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear`` (task vectors),
+``fisher`` (diagonal-Fisher-weighted) and ``regmean`` (closed form from input Grams).
+
+    from gradfree.merge import merge
+    merge({"method": "linear", "models": ["a", "b"]}, "runs/soup")
+
+Importing this package imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from gradfree.merge import fisher, greedy, linear, regmean, sparse  # noqa: F401 (registers the methods)
+from gradfree.merge.recipe import (
+    CalibrationSpec,
+    EvalSpec,
+    MergeRecipe,
+    ModelEntry,
+    load_recipe,
+    make_recipe,
+    recipe_yaml,
+)
+from gradfree.merge.registry import METHODS, MergeMethod, get_method, list_methods, register
+from gradfree.merge.run import MergeResult, merge
+
+__all__ = [
+    "METHODS",
+    "CalibrationSpec",
+    "EvalSpec",
+    "MergeMethod",
+    "MergeRecipe",
+    "MergeResult",
+    "ModelEntry",
+    "get_method",
+    "list_methods",
+    "load_recipe",
+    "make_recipe",
+    "merge",
+    "recipe_yaml",
+    "register",
+]

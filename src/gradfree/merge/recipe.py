@@ -1,0 +1,179 @@
+"""Merge recipes: strict pydantic models read from YAML, validated with one-sentence errors.
+
+A recipe, in the spirit of mergekit's YAML::
+
+    method: ties                      # a registered method (gradfree.merge.registry)
+    base_model: qwen2.5-coder-0.5b-instruct   # task-vector methods only
+    models:
+      - model: runs/finetuned-a       # a known model name or a local Hugging Face folder
+        parameters: {weight: 0.6, density: 0.5}
+      - runs/finetuned-b              # shorthand: a bare spec takes the default parameters
+    parameters: {scaling: 1.0}        # method parameters; per-model ones given here are defaults
+    seed: 0                           # DARE's drops
+    dtype: float32                    # of the output checkpoint
+    calibration: {corpus: tourguide, split: calibration, limit: 8}   # Fisher, RegMean
+    selection: {metric: perplexity, corpus: tourguide, split: heldout} # greedy soup
+    evaluate: {corpus: tourguide, split: heldout, limit: 8}            # optional report numbers
+
+Method parameters are validated by the method's own pydantic models
+(:meth:`gradfree.merge.registry.MergeMethod.resolve`), so an unknown or misspelt parameter is an
+error naming the method and its valid parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from gradfree.errors import GradfreeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    """One input model and its per-model method parameters (e.g. ``weight``, ``density``)."""
+
+    model: str
+    parameters: dict[str, Any] = {}
+
+
+class CalibrationSpec(_Strict):
+    """Text on which Fisher information or RegMean Gram matrices are measured."""
+
+    corpus: str = "tourguide"
+    split: str | None = "calibration"
+    limit: int | None = 8
+    max_length: int = 128
+    batch_size: int = 1
+
+    @model_validator(mode="after")
+    def _positive(self) -> CalibrationSpec:
+        if (
+            self.max_length < 2
+            or self.batch_size < 1
+            or (self.limit is not None and self.limit < 1)
+        ):
+            raise ValueError("calibration needs max_length >= 2, batch_size >= 1 and limit >= 1")
+        return self
+
+
+class EvalSpec(_Strict):
+    """A held-out measurement: perplexity on a corpus split, or KL(teacher ‖ model) there."""
+
+    metric: Literal["perplexity", "kl"] = "perplexity"
+    teacher: str | None = None
+    corpus: str = "tourguide"
+    split: str | None = "heldout"
+    limit: int | None = 8
+    max_length: int = 256
+    stride: int | None = None  # None: max_length (windows do not overlap)
+    batch_size: int = 2
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalSpec:
+        if self.metric == "kl" and self.teacher is None:
+            raise ValueError("the kl metric needs a teacher model")
+        if self.stride is None:
+            self.stride = self.max_length
+        if not 1 <= self.stride <= self.max_length or self.max_length < 2:
+            raise ValueError("evaluation needs max_length >= 2 and 1 <= stride <= max_length")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("evaluation needs batch_size >= 1 and limit >= 1")
+        return self
+
+
+DType = Literal["float32", "float64", "bfloat16", "float16"]
+
+
+class MergeRecipe(_Strict):
+    """A whole merge: method, inputs, parameters, seed, output dtype and data sections."""
+
+    method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Any] = {}
+    seed: int = 0
+    dtype: DType | None = None  # None: the first model's dtype
+    tokenizer_source: Literal["base", "first"] | None = None  # None: base if given, else first
+    calibration: CalibrationSpec | None = None
+    selection: EvalSpec | None = None
+    evaluate: EvalSpec | None = None
+    max_shard_mb: int = 2048
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeRecipe:
+        if not self.models:
+            raise ValueError("a recipe needs at least one model")
+        if self.tokenizer_source == "base" and self.base_model is None:
+            raise ValueError("tokenizer_source 'base' needs a base_model")
+        if self.max_shard_mb < 1:
+            raise ValueError("max_shard_mb must be at least 1")
+        return self
+
+
+def _message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"Unknown recipe field '{where}'."
+    if err["type"] == "missing":
+        return f"The recipe is missing the field '{where}'."
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] != "value_error" and where:
+        msg = f"{where}: {msg}"
+    return f"Invalid merge recipe: {msg[:1].lower()}{msg[1:]}."
+
+
+def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:
+    """A validated :class:`MergeRecipe` from a recipe or a plain dict (one-sentence errors)."""
+    if isinstance(value, MergeRecipe):
+        return value
+    if not isinstance(value, dict):
+        raise GradfreeError("A merge recipe must be a mapping of fields (method, models, ...).")
+    try:
+        return MergeRecipe(**value)
+    except ValidationError as e:
+        raise GradfreeError(_message(e)) from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a YAML recipe file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GradfreeError(f"The recipe file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise GradfreeError(f"The recipe {path} is not valid YAML ({e.__class__.__name__}).") from e
+    return make_recipe(data)
+
+
+def recipe_yaml(recipe: MergeRecipe) -> str:
+    """The recipe as YAML, every default filled in (what an output records)."""
+    import yaml
+
+    return str(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+__all__ = [
+    "CalibrationSpec",
+    "EvalSpec",
+    "MergeRecipe",
+    "ModelEntry",
+    "load_recipe",
+    "make_recipe",
+    "recipe_yaml",
+]

@@ -1,0 +1,362 @@
+"""Run a merge recipe: resolve inputs, check shapes, prepare the method, stream tensors into a
+plain Hugging Face checkpoint, and record what was done.
+
+Order of work, so that a bad recipe fails before anything is loaded or written: validate the
+recipe and the method's parameters, refuse an existing output, resolve every model (known names
+or local folders with safetensors weights), check tokenizers and tensor names/shapes (headers
+only), then merge inside :func:`gradfree.io.atomic_dir`. Tensors are read lazily and merged one
+group at a time in float64 on ``device``, cast once to the output dtype, and written in shards.
+
+The output folder holds the checkpoint (config, weights, tokenizer, generation config),
+``merge_recipe.yaml`` (the resolved recipe), ``merge.json`` (method and resolved parameters,
+input fingerprints, versions, timings, distances of the result to each input, method
+diagnostics, optional evaluation) and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradfree.errors import GradfreeError
+from gradfree.merge.context import InputModel, MergeContext
+from gradfree.merge.recipe import EvalSpec, MergeRecipe, make_recipe, recipe_yaml
+from gradfree.merge.registry import MergeMethod, get_method
+from gradfree.merge.tensors import ShardWriter, check_same_shapes, open_sources
+
+_TOKENIZER_EXTRA = ("chat_template.jinja",)
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    record: dict[str, Any]
+
+
+def resolve_input(spec: str, label: str) -> InputModel:
+    """A model spec (known name or folder) → its folder; GGUF files and hub ids are refused."""
+    from gradfree.models import resolve_model
+
+    r = resolve_model(spec)
+    if r.kind == "hub":
+        raise GradfreeError(
+            f"Model '{spec}' is neither a known model name nor a local Hugging Face folder."
+        )
+    if r.kind == "gguf":
+        raise GradfreeError(
+            f"Model '{spec}' is a GGUF file; merges read Hugging Face folders with safetensors "
+            "(load and save_pretrained it first, or use the fetched known model)."
+        )
+    return InputModel(spec=spec, label=label, folder=Path(r.source))
+
+
+def _fingerprint(m: InputModel) -> dict[str, Any]:
+    """The loader's fingerprint without loading weights (the model is built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gradfree.models import resolve_model
+    from gradfree.models.fetch import quiet_transformers
+    from gradfree.models.load import fingerprint
+
+    with quiet_transformers(progress=False):
+        config = AutoConfig.from_pretrained(m.folder)
+        tok = AutoTokenizer.from_pretrained(m.folder)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return fingerprint(resolve_model(str(m.folder)), meta, tok, dtype)
+
+
+def _check_tokenizers(models: list[InputModel]) -> Any:
+    from transformers import AutoTokenizer
+
+    from gradfree.models.fetch import quiet_transformers
+
+    with quiet_transformers(progress=False):
+        toks = [AutoTokenizer.from_pretrained(m.folder) for m in models]
+    vocab = toks[0].get_vocab()
+    for m, t in zip(models[1:], toks[1:], strict=True):
+        if t.get_vocab() != vocab:
+            raise GradfreeError(
+                f"The tokenizer of model {m.label} differs from that of model {models[0].label}; "
+                "merged weights need one tokenizer."
+            )
+    return toks
+
+
+def _math_device(device: str) -> str:
+    from gradfree.models.load import _check_device
+
+    dev = _check_device(device)
+    return "cpu" if dev.type == "mps" else str(dev)  # MPS has no float64
+
+
+def _distance_sums(out: Any, xs: list[Any]) -> list[tuple[float, float]]:
+    return [(float(((out - x) ** 2).sum()), float((x**2).sum())) for x in xs]
+
+
+def _evaluate(folder: Path, spec: EvalSpec, device: str, dtype: str) -> dict[str, Any]:
+    from gradfree.corpora import load_corpus
+    from gradfree.evaluate import evaluate
+    from gradfree.models import load_model
+
+    docs = load_corpus(spec.corpus, split=spec.split, limit=spec.limit)
+    loaded = load_model(str(folder), device=device, dtype=dtype)
+    teacher = load_model(spec.teacher, device=device, dtype=dtype) if spec.teacher else None
+    r = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        docs,
+        teacher=None if teacher is None else teacher.model,
+        teacher_tokenizer=None if teacher is None else teacher.tokenizer,
+        max_length=spec.max_length,
+        stride=spec.stride or spec.max_length,
+        batch_size=spec.batch_size,
+        device=device,
+        compare_layers=[0],
+    )
+    out = {"ppl": r["perplexity"]["ppl"], "tokens": r["perplexity"]["tokens"]}
+    if r["teacher"]:
+        out["kl_mean"] = r["teacher"]["kl_mean"]
+        out["top1_agreement"] = r["teacher"]["top1_agreement"]
+    return out
+
+
+def merge(
+    recipe: MergeRecipe | dict[str, Any],
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    keep_statistics: bool = False,
+    say: Callable[[str], None] = print,
+) -> MergeResult:
+    """Run ``recipe`` and write the merged checkpoint to ``out`` (see the module docstring).
+
+    ``dtype`` overrides the recipe's output dtype; ``device`` is where tensors are merged and
+    where models run for methods that need forward/backward passes. ``keep_statistics`` keeps
+    the Fisher / Gram statistics in ``out/statistics``."""
+    from transformers import AutoConfig
+
+    from gradfree.io import atomic_dir, check_new_output
+    from gradfree.models.fetch import quiet_transformers
+
+    recipe = make_recipe(recipe)
+    if dtype is not None:
+        recipe = make_recipe({**recipe.model_dump(), "dtype": dtype})
+    method = get_method(recipe.method).configure(recipe)
+    out = check_new_output(Path(out), overwrite)
+    math_device = _math_device(device)
+    specs = [e.model for e in recipe.models]
+    labels = [s if specs.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(specs)]
+    models = [resolve_input(s, label) for s, label in zip(specs, labels, strict=True)]
+    base = None
+    if recipe.base_model is not None:
+        label = recipe.base_model if recipe.base_model not in specs else f"{recipe.base_model}#base"
+        base = resolve_input(recipe.base_model, label)
+    everyone = models + ([base] if base is not None else [])
+    toks = _check_tokenizers(everyone)
+    use_base = (recipe.tokenizer_source or ("base" if base else "first")) == "base"
+    source = base if use_base and base is not None else models[0]
+    with quiet_transformers(progress=False):
+        config = AutoConfig.from_pretrained(source.folder)
+    in_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    default = in_dtype if in_dtype in ("float32", "float64", "bfloat16", "float16") else "float32"
+    recipe = make_recipe({**recipe.model_dump(), "dtype": recipe.dtype or default})
+    with open_sources([(str(m.folder), m.label) for m in everyone]) as sources:
+        names = check_same_shapes(sources)  # headers only, before anything is written
+        for m in everyone:
+            m.fingerprint = _fingerprint(m)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            ctx = MergeContext(
+                recipe=recipe,
+                models=models,
+                base=base,
+                sources=sources[: len(models)],
+                base_source=sources[-1] if base is not None else None,
+                names=names,
+                device=device,
+                compute_dtype="float32"
+                if recipe.dtype in ("float16", "bfloat16")
+                else str(recipe.dtype),
+                work=tmp / ".statistics",
+                say=say,
+            )
+            record = _write(
+                ctx,
+                method,
+                tmp,
+                math_device,
+                config,
+                toks[everyone.index(source)],
+                source,
+                keep_statistics,
+            )
+    return MergeResult(out, record)
+
+
+def _write(
+    ctx: MergeContext,
+    method: MergeMethod,
+    tmp: Path,
+    math_device: str,
+    config: Any,
+    tokenizer: Any,
+    source: InputModel,
+    keep_statistics: bool,
+) -> dict[str, Any]:
+    """Prepare, stream every tensor group into ``tmp``, save config/tokenizer and the record."""
+    import torch
+    from transformers import GenerationConfig
+
+    from gradfree.io import write_json_atomic, write_text_atomic
+    from gradfree.models.load import resolve_dtype
+    from gradfree.provenance import Stopwatch, machine, versions
+
+    recipe = ctx.recipe
+    torch_out = resolve_dtype(str(recipe.dtype))
+    everyone = ctx.models + ([ctx.base] if ctx.base is not None else [])
+    ctx.work.mkdir()
+    sw = Stopwatch()
+    with sw.stage("prepare"):
+        method.prepare(ctx)
+    dist = [[0.0, 0.0] for _ in everyone]
+    with sw.stage("merge"):
+        writer = ShardWriter(tmp, recipe.max_shard_mb * 2**20)
+        groups = method.groups(ctx.names)
+        for gi, group in enumerate(groups):
+            xs = {n: [s.get(n).to(math_device, torch.float64) for s in ctx.sources] for n in group}
+            bx = None
+            if ctx.base_source is not None:
+                bx = {n: ctx.base_source.get(n).to(math_device, torch.float64) for n in group}
+            merged = method.merge_group(group, xs, bx)
+            for n in group:
+                y = merged[n].to(torch_out)
+                refs = xs[n] + ([bx[n]] if bx is not None else [])
+                for k, (d2, x2) in enumerate(_distance_sums(y.to(torch.float64), refs)):
+                    dist[k][0] += d2
+                    dist[k][1] += x2
+                writer.add(n, y)
+            del xs, bx, merged
+            if (gi + 1) % 100 == 0:
+                ctx.say(f"merged {gi + 1}/{len(groups)} tensor groups")
+        files = writer.close()
+    if keep_statistics:
+        ctx.work.rename(tmp / "statistics")
+    else:
+        shutil.rmtree(ctx.work)
+    config.dtype = torch_out
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for extra in _TOKENIZER_EXTRA:
+        if (source.folder / extra).is_file() and not (tmp / extra).exists():
+            shutil.copy2(source.folder / extra, tmp / extra)
+    with contextlib.suppress(OSError):  # the input may have no generation config
+        GenerationConfig.from_pretrained(source.folder).save_pretrained(tmp)
+    evaluation = None
+    if recipe.evaluate is not None:
+        with sw.stage("evaluate"):
+            spec, dev, dt = recipe.evaluate, ctx.device, ctx.compute_dtype
+            evaluation = {"merged": _evaluate(tmp, spec, dev, dt)}
+            for m in everyone:
+                evaluation[m.label] = _evaluate(m.folder, spec, dev, dt)
+    record = {
+        "format": "gradfree.merge/1",
+        "method": method.info(),
+        "resolved_parameters": method.resolved_parameters(),
+        "recipe": recipe.model_dump(mode="json"),
+        "inputs": [
+            {
+                "role": "base" if m is ctx.base else "model",
+                "label": m.label,
+                "spec": m.spec,
+                "folder": str(m.folder),
+                "fingerprint": m.fingerprint,
+            }
+            for m in everyone
+        ],
+        "output": {
+            "dtype": recipe.dtype,
+            "files": files,
+            "tensors": len(ctx.names),
+            "bytes": writer.total_bytes,
+            "config_and_tokenizer_from": source.label,
+        },
+        "relative_distance_to_inputs": {
+            m.label: (d2 / x2) ** 0.5 if x2 > 0 else None
+            for m, (d2, x2) in zip(everyone, dist, strict=True)
+        },
+        "method_summary": method.summary(),
+        "evaluation": evaluation,
+        "device": ctx.device,
+        "timings": sw.rows,
+        "machine": machine(),
+        "versions": versions(),
+    }
+    write_text_atomic(tmp / "merge_recipe.yaml", recipe_yaml(recipe))
+    write_json_atomic(tmp / "merge.json", record)
+    write_text_atomic(tmp / "report.md", render_report(record, sw.table()))
+    return record
+
+
+def render_report(record: dict[str, Any], timings: str) -> str:
+    m = record["method"]
+    lines = [
+        f"# Merge: {m['name']}",
+        "",
+        f"{m['description']} ({m['reference_url']}).",
+        "",
+        "## Inputs",
+        "",
+        "| role | model | folder | weights sha256 (first file) |",
+        "|---|---|---|---|",
+    ]
+    for inp in record["inputs"]:
+        w = inp["fingerprint"].get("weights_sha256", {})
+        first = next(iter(w.values()), "")[:16]
+        lines.append(f"| {inp['role']} | {inp['label']} | {inp['folder']} | {first} |")
+    lines += ["", "## Parameters", "", "```json", _json(record["resolved_parameters"]), "```", ""]
+    lines += ["## Result", "", "| input | ‖merged − input‖ / ‖input‖ |", "|---|---:|"]
+    for label, d in record["relative_distance_to_inputs"].items():
+        lines.append(f"| {label} | {'n/a' if d is None else f'{d:.4g}'} |")
+    o = record["output"]
+    lines += [
+        "",
+        f"{o['tensors']} tensors, {o['bytes'] / 1e6:.1f} MB in {o['dtype']}: "
+        f"{', '.join(o['files'])}.",
+        "",
+    ]
+    if record["method_summary"]:
+        lines += [
+            "## Method diagnostics",
+            "",
+            "```json",
+            _json(record["method_summary"]),
+            "```",
+            "",
+        ]
+    if record["evaluation"]:
+        lines += ["## Evaluation", "", "| model | perplexity | tokens | KL to teacher |"]
+        lines += ["|---|---:|---:|---:|"]
+        for label, e in record["evaluation"].items():
+            kl = e.get("kl_mean")
+            kl_text = "" if kl is None else f"{kl:.4f}"
+            lines.append(f"| {label} | {e['ppl']:.3f} | {e['tokens']} | {kl_text} |")
+        lines.append("")
+    lines += ["## Timings", "", timings, ""]
+    return "\n".join(lines)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
+
+
+__all__ = ["MergeResult", "merge", "render_report", "resolve_input"]

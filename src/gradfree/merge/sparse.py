@@ -1,0 +1,208 @@
+"""Task-vector merges: task arithmetic, TIES and DARE as configured variants of one class.
+
+With task vectors τᵢ = θᵢ − θ_base (per tensor), every variant computes
+θ = θ_base + λ · combine(sparsify(τᵢ)):
+
+* sparsify: none; ``magnitude`` keeps the ``density`` fraction of entries of largest |τᵢ| (TIES'
+  trim step); ``random`` drops each entry with probability p = 1 − density and rescales the kept
+  ones by 1/density, so E[sparsified τ] = τ (DARE). Drops are seeded per (seed, model, tensor),
+  so a merge is reproducible and independent of tensor order.
+* combine: ``sum`` gives Σ wᵢ τ̂ᵢ (task arithmetic; DARE-linear); ``sign`` elects, per entry, the
+  sign of Σ wᵢ τ̂ᵢ and averages only the agreeing non-zero entries, Σ_{agree} wᵢ τ̂ᵢ / Σ_{agree} wᵢ
+  (TIES' elect + disjoint merge; DARE-TIES), or sums them when ``normalize`` is false.
+
+References: task arithmetic, Ilharco et al. 2023 (https://arxiv.org/abs/2212.04089); TIES-Merging,
+Yadav et al. 2023 (https://arxiv.org/abs/2306.01708); DARE, Yu et al. 2024
+(https://arxiv.org/abs/2311.03099). The layout follows mergekit's generalized task arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradfree.merge.registry import MergeMethod, TensorwiseMethod
+
+if TYPE_CHECKING:
+    import torch
+
+
+def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the ``round(density · n)`` entries of largest |τ| (ties broken by
+    position, deterministically); density 1 keeps everything."""
+    import torch
+
+    n = tau.numel()
+    k = round(density * n)
+    if k >= n:
+        return torch.ones_like(tau, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+    if k > 0:
+        # A stable sort makes the choice among equal magnitudes reproducible.
+        order = torch.sort(tau.abs().flatten(), descending=True, stable=True).indices
+        mask[order[:k]] = True
+    return mask.view_as(tau)
+
+
+def drop_seed(seed: int, model: int, name: str) -> int:
+    """The generator seed of DARE's drops for one model's tensor (order-independent)."""
+    h = hashlib.sha256(f"{seed}:{model}:{name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def dare(tau: torch.Tensor, density: float, seed: int) -> tuple[torch.Tensor, int]:
+    """Drop each entry with probability 1 − density, rescale survivors by 1/density (DARE).
+    Returns (sparsified τ, entries kept). Density 1 returns τ itself."""
+    import torch
+
+    if density >= 1.0:
+        return tau, tau.numel()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(tau.shape, generator=g, dtype=torch.float64) < density
+    keep = keep.to(tau.device)
+    return torch.where(keep, tau / density, torch.zeros_like(tau)), int(keep.sum())
+
+
+def sign_consensus(
+    taus: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' elect + disjoint merge of (already trimmed) task vectors.
+
+    The elected sign of each entry is sign(Σ wᵢ τᵢ); only non-zero entries with that sign
+    contribute, averaged with their weights (``normalize``) or summed. Returns (merged τ, a
+    boolean mask of entries where some non-zero entry was outvoted)."""
+    import torch
+
+    weighted = torch.stack([w * t for t, w in zip(taus, weights, strict=True)])
+    elected = torch.sign(weighted.sum(0))
+    agree = (torch.sign(weighted) == elected) & (weighted != 0)
+    mixed = (weighted * agree).sum(0)
+    if normalize:
+        w = torch.tensor(list(weights), dtype=weighted.dtype, device=weighted.device)
+        divisor = (w.view(-1, *[1] * (weighted.ndim - 1)) * agree).sum(0)
+        mixed = torch.where(divisor != 0, mixed / torch.where(divisor != 0, divisor, 1.0), 0.0)
+    conflict = ((weighted != 0) & ~agree).any(0)
+    return mixed, conflict
+
+
+class TaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scaling: float = Field(1.0, description="λ: how much of the combined task vector is added")
+    normalize: bool = Field(True, description="average agreeing entries (sign consensus only)")
+
+
+class TaskModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 1.0
+    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of entries kept")
+
+
+class TaskArithmeticParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scaling: float = Field(1.0, description="λ: how much of the summed task vector is added")
+
+
+class WeightOnly(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 1.0
+
+
+class GeneralizedTaskArithmetic(TensorwiseMethod):
+    """θ_base + λ · combine(sparsify(θᵢ − θ_base)); variants set ``sparsify`` and ``consensus``."""
+
+    sparsify: ClassVar[str | None] = None  # None, "magnitude" or "random"
+    consensus: ClassVar[str | None] = None  # None (sum) or "sign"
+    Params = TaskParams
+    ModelParams = TaskModelParams
+    needs_base = True
+
+    def __init__(self, params: BaseModel, model_params: Sequence[BaseModel]) -> None:
+        super().__init__(params, model_params)
+        self.seed = 0
+        self.stats = {"entries": 0, "kept": 0, "sign_conflicts": 0}
+
+    def check(self, recipe: Any) -> None:
+        self.seed = int(recipe.seed)
+
+    def merge_tensor(
+        self, name: str, xs: list[torch.Tensor], base: torch.Tensor | None
+    ) -> torch.Tensor:
+        assert base is not None
+        weights = self.weights()
+        scaling = float(self.params.scaling)
+        if scaling == 0.0 or all(w == 0.0 for w in weights):
+            return base.clone()  # nothing is added: the base model exactly
+        taus = []
+        for i, (x, p) in enumerate(zip(xs, self.model_params, strict=True)):
+            tau = x - base
+            density = float(getattr(p, "density", 1.0))
+            kept = tau.numel()
+            if self.sparsify == "magnitude":
+                mask = magnitude_mask(tau, density)
+                tau, kept = tau * mask, int(mask.sum())
+            elif self.sparsify == "random":
+                tau, kept = dare(tau, density, drop_seed(self.seed, i, name))
+            self.stats["entries"] += tau.numel()
+            self.stats["kept"] += kept
+            taus.append(tau)
+        if self.consensus == "sign":
+            merged, conflict = sign_consensus(taus, weights, bool(self.params.normalize))
+            self.stats["sign_conflicts"] += int(conflict.sum())
+        else:
+            merged = sum((w * t for t, w in zip(taus, weights, strict=True) if w != 0.0), base * 0)
+        return base + scaling * merged
+
+    def summary(self) -> dict[str, Any]:
+        s = dict(self.stats)
+        if s["entries"]:
+            s["kept_fraction"] = s["kept"] / s["entries"]
+            s["sign_conflict_fraction"] = s["sign_conflicts"] / (
+                s["entries"] / len(self.model_params)
+            )
+        return s
+
+
+_TA = "https://arxiv.org/abs/2212.04089"
+_TIES = "https://arxiv.org/abs/2306.01708"
+_DARE = "https://arxiv.org/abs/2311.03099"
+
+GeneralizedTaskArithmetic.variant(
+    "task_arithmetic",
+    _TA,
+    "base + λ Σ wᵢ (θᵢ − θ_base)",
+    Params=TaskArithmeticParams,
+    ModelParams=WeightOnly,
+)
+GeneralizedTaskArithmetic.variant(
+    "ties",
+    _TIES,
+    "trim by magnitude, elect sign, disjoint merge",
+    sparsify="magnitude",
+    consensus="sign",
+)
+GeneralizedTaskArithmetic.variant(
+    "dare_ties",
+    _DARE,
+    "DARE drop-and-rescale, then TIES sign election",
+    sparsify="random",
+    consensus="sign",
+)
+GeneralizedTaskArithmetic.variant(
+    "dare_linear",
+    _DARE,
+    "DARE drop-and-rescale, then task arithmetic",
+    sparsify="random",
+    Params=TaskArithmeticParams,
+)
+
+__all__ = [
+    "GeneralizedTaskArithmetic",
+    "MergeMethod",
+    "dare",
+    "drop_seed",
+    "magnitude_mask",
+    "sign_consensus",
+]
