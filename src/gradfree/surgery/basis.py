@@ -59,7 +59,8 @@ def reader_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _role(cap: Any, role: str | None) -> str:
+def capture_role(cap: Any, role: str | None = None) -> str:
+    """The role to read: the one asked for, else ``model``, else the only one."""
     roles = list(cap.roles)
     if role is not None:
         if role not in roles:
@@ -106,7 +107,7 @@ def capture_moments(
     (``resid_pre`` of every block, ``final.resid`` if present, each divided by its trace).
     """
     a = get_adapter(model)
-    role = _role(cap, role)
+    role = capture_role(cap, role)
     have = set(cap.keys(role))
     wanted = reader_keys(a.num_layers)
     if all(k in have for k in wanted):

@@ -136,14 +136,14 @@ class _Inputs:
         )
         self.check = load_corpus(cfg.check_corpus, split=cfg.check_split)
         self.eval = None
+        eval_name = cfg.eval_corpus or cfg.corpus or cfg.check_corpus
         if cfg.command == "slice":
-            name = cfg.eval_corpus or cfg.corpus or cfg.check_corpus
-            self.eval = load_corpus(name, split=cfg.eval_split, limit=cfg.eval_limit)
+            self.eval = load_corpus(eval_name, split=cfg.eval_split, limit=cfg.eval_limit)
         self.manifests: dict[str, Any] = {"check": corpus_manifest(self.check, cfg.check_corpus)}
         if self.calib is not None:
             self.manifests["calibration"] = corpus_manifest(self.calib, str(cfg.corpus))
         if self.eval is not None:
-            self.manifests["eval"] = corpus_manifest(self.eval, cfg.eval_corpus or "default")
+            self.manifests["eval"] = corpus_manifest(self.eval, eval_name)
         if self.matrix is not None and cfg.matrix is not None:
             self.manifests["matrix_sha256"] = sha256_file(cfg.matrix)
         if self.cap is not None:
@@ -169,9 +169,9 @@ def _basis(
             None,
         )
     if inp.cap is not None:
-        B.check_capture_model(inp.cap, B._role(inp.cap, None), a, loaded.fingerprint)
+        B.check_capture_model(inp.cap, B.capture_role(inp.cap), a, loaded.fingerprint)
         moments, statistic = B.capture_moments(inp.cap, loaded.model, scales)
-        tokens = inp.cap.tokens(B._role(inp.cap, None))
+        tokens = inp.cap.tokens(B.capture_role(inp.cap))
     else:
         assert inp.calib is not None
         log(f"calibrating on {len(inp.calib)} documents")
