@@ -228,7 +228,7 @@ def _slice(
         "width": widths[-1],
         "actual_fraction": 1.0 - widths[-1] / d,
         "width_note": (
-            "exact"
+            "as requested"
             if widths[-1] == requested
             else f"{requested} is not allowed by the config; nearest allowed width {widths[-1]}"
         ),
