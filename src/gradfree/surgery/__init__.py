@@ -15,6 +15,10 @@ every supported family (tied embeddings, biases, GQA and Qwen3's q/k norms inclu
   freely, queries/keys per RoPE frequency pair.
 * :func:`slice_` — keep the leading ``k`` residual dimensions; exact when the rest is empty.
 * :func:`exact_rmsnorm` — float64 RMSNorm for exactness tests (HF's computes in float32).
+
+The commands built on these live in their own modules (not imported here): :mod:`.basis` (PCA
+bases from captured statistics), :mod:`.export` (``gradfree rotate`` / ``gradfree slice``: plain
+checkpoint, reload check, ledger, report), :mod:`.transitions` (per-layer bases, simulated).
 """
 
 from gradfree.surgery.exact import exact_rmsnorm

@@ -68,6 +68,28 @@ def _check_config(config: Any, values: dict[str, Any]) -> None:
         ) from e
 
 
+def allowed_width(config: Any, k: int) -> bool:
+    """Whether transformers accepts hidden size ``k`` for a model of ``config`` (see above)."""
+    d = int(config.hidden_size)
+    head_dim = getattr(config, "head_dim", None) or d // int(config.num_attention_heads)
+    try:
+        _check_config(config, {"hidden_size": k, "head_dim": int(head_dim)})
+    except GradfreeError:
+        return False
+    return True
+
+
+def nearest_allowed_width(config: Any, k: int) -> int:
+    """The width closest to ``k`` (in 1..hidden_size) that the config allows; ties keep more."""
+    d = int(config.hidden_size)
+    k = min(max(int(k), 1), d)
+    for off in range(d):
+        for cand in (k + off, k - off):
+            if 1 <= cand <= d and allowed_width(config, cand):
+                return cand
+    raise GradfreeError(f"transformers allows no hidden size between 1 and {d} for this model.")
+
+
 @torch.no_grad()
 def slice_(model: nn.Module, k: int, q: torch.Tensor | None = None) -> dict[str, Any]:
     """Shrink the residual stream of ``model`` to its first ``k`` coordinates, in place.

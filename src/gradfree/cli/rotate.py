@@ -1,0 +1,150 @@
+"""`gradfree rotate` (fuse norms, untie, rotate the residual stream: exact) and `gradfree slice`
+(SliceGPT-style width reduction from calibration statistics). Both write a plain Hugging Face
+checkpoint with a rotation ledger and a report; see :mod:`gradfree.surgery.export`.
+Thin: parse, validate, call :func:`~gradfree.surgery.export.run_surgery`, print a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _run(options: dict[str, Any], overwrite: bool) -> None:
+    from gradfree.io import check_new_output
+    from gradfree.surgery.config import make_surgery_config
+    from gradfree.surgery.export import run_surgery
+
+    cfg = make_surgery_config(**{k: v for k, v in options.items() if v is not None})
+    check_new_output(cfg.out, overwrite)
+    record = run_surgery(cfg, overwrite=overwrite, log=_log)
+    res = record["result"]
+    chk = res["check"]["reloaded_vs_original"]
+    typer.echo(
+        f"max relative logits difference (reloaded vs original): {chk['max_rel']:.3g}", err=True
+    )
+    if "slice" in res:
+        s = res["slice"]
+        typer.echo(
+            f"width {res['params']['hidden_before']} -> {s['width']}; perplexity "
+            f"{res['dense_perplexity']['ppl']:.3f} -> {res['sliced_perplexity']['ppl']:.3f} "
+            f"({100 * res['relative_perplexity_change']:+.1f}%)",
+            err=True,
+        )
+    typer.echo(str(Path(cfg.out) / "report.md"))
+
+
+_MODEL = typer.Option(..., "--model", help="Model: known name or folder.")
+_OUT = typer.Option(..., "--out", help="Output checkpoint folder (must not exist).")
+_DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1...")
+_DTYPE = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out.")
+
+
+def rotate(
+    model: str = _MODEL,
+    out: Path = _OUT,
+    capture: Path | None = typer.Option(None, "--capture", help="Capture folder: PCA basis."),
+    random_seed: int | None = typer.Option(None, "--random-seed", help="Haar-random basis."),
+    matrix: Path | None = typer.Option(None, "--matrix", help="d x d orthogonal .safetensors."),
+    per_layer: bool = typer.Option(
+        False, "--per-layer", help="Also measure per-layer bases with transitions (simulation)."
+    ),
+    damping: float = typer.Option(0.01, "--damping", help="Relative damping of the moment."),
+    check_corpus: str = typer.Option("tourguide", "--check-corpus", help="Text of the check."),
+    check_split: str | None = typer.Option("heldout", "--check-split", help="Its split."),
+    check_windows: int = typer.Option(2, "--check-windows", help="Windows in the check."),
+    check_tokens: int = typer.Option(128, "--check-tokens", help="Tokens per window."),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Fuse norms, untie and rotate the residual stream; the function is unchanged."""
+    _run(
+        {
+            "command": "rotate",
+            "model": model,
+            "out": str(out),
+            "capture": str(capture) if capture else None,
+            "random_seed": random_seed,
+            "matrix": str(matrix) if matrix else None,
+            "per_layer": per_layer,
+            "damping": damping,
+            "check_corpus": check_corpus,
+            "check_split": check_split,
+            "check_windows": check_windows,
+            "check_tokens": check_tokens,
+            "device": device,
+            "dtype": dtype,
+        },
+        overwrite,
+    )
+
+
+def slice_command(
+    model: str = _MODEL,
+    out: Path = _OUT,
+    fraction: float = typer.Option(..., "--fraction", help="Share of the width to remove."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Calibration corpus."),
+    split: str | None = typer.Option(None, "--split", help="Calibration split."),
+    limit: int | None = typer.Option(None, "--limit", help="At most N calibration documents."),
+    capture: Path | None = typer.Option(None, "--capture", help="Existing capture instead."),
+    recompute: bool = typer.Option(
+        False, "--recompute", help="Slice in stages, re-measuring through the sliced model."
+    ),
+    steps: int = typer.Option(2, "--steps", help="Stages with --recompute."),
+    damping: float = typer.Option(0.01, "--damping", help="Relative damping (SliceGPT: 0.01)."),
+    eval_corpus: str | None = typer.Option(
+        None, "--eval-corpus", help="Held-out text (default: the calibration corpus)."
+    ),
+    eval_split: str | None = typer.Option("heldout", "--eval-split", help="Held-out split."),
+    eval_limit: int | None = typer.Option(None, "--eval-limit", help="At most N documents."),
+    max_length: int = typer.Option(512, "--max-length", help="Window length in tokens."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per batch."),
+    check_corpus: str = typer.Option("tourguide", "--check-corpus", help="Text of the check."),
+    check_split: str | None = typer.Option("heldout", "--check-split", help="Its split."),
+    check_windows: int = typer.Option(2, "--check-windows", help="Windows in the logits check."),
+    check_tokens: int = typer.Option(128, "--check-tokens", help="Tokens per window."),
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Remove a fraction of the residual width with one global PCA basis (plain checkpoint)."""
+    _run(
+        {
+            "command": "slice",
+            "model": model,
+            "out": str(out),
+            "fraction": fraction,
+            "corpus": corpus,
+            "split": split,
+            "limit": limit,
+            "capture": str(capture) if capture else None,
+            "recompute": recompute,
+            "steps": steps,
+            "damping": damping,
+            "eval_corpus": eval_corpus,
+            "eval_split": eval_split,
+            "eval_limit": eval_limit,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "check_corpus": check_corpus,
+            "check_split": check_split,
+            "check_windows": check_windows,
+            "check_tokens": check_tokens,
+            "device": device,
+            "dtype": dtype,
+        },
+        overwrite,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `rotate` and `slice` to the root app."""
+    app.command("rotate")(rotate)
+    app.command("slice")(slice_command)

@@ -1,0 +1,99 @@
+"""The recipe of ``gradfree rotate`` and ``gradfree slice``: a strict pydantic model.
+
+One config covers both commands (``command`` says which); every field that changes the output
+lives here and the resolved config is written into the output folder. Errors are one sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from gradfree.errors import GradfreeError
+
+
+class SurgeryConfig(BaseModel):
+    """What to do to which model, and how to check it.
+
+    rotate: exactly one of ``capture`` (PCA basis), ``random_seed`` or ``matrix``.
+    slice: ``fraction`` in [0, 1) and calibration from ``capture`` or ``corpus`` (+ split, limit);
+    ``recompute`` slices in ``steps`` stages, re-measuring the statistics through the model sliced
+    so far (needs ``corpus``). ``per_layer`` (rotate with a capture) adds the per-layer-basis study.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Literal["rotate", "slice"]
+    model: str
+    out: str
+    capture: str | None = None
+    random_seed: int | None = None
+    matrix: str | None = None
+    fraction: float | None = None
+    corpus: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    recompute: bool = False
+    steps: int = 2
+    per_layer: bool = False
+    damping: float = 0.01
+    max_length: int = 512
+    batch_size: int = 4
+    check_corpus: str = "tourguide"
+    check_split: str | None = "heldout"
+    check_windows: int = 2
+    check_tokens: int = 128
+    eval_corpus: str | None = None
+    eval_split: str | None = "heldout"
+    eval_limit: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SurgeryConfig:
+        if self.command == "rotate":
+            given = [
+                n for n in ("capture", "random_seed", "matrix") if getattr(self, n) is not None
+            ]
+            if len(given) != 1:
+                raise ValueError("rotate needs exactly one of --capture, --random-seed or --matrix")
+            if self.fraction is not None or self.corpus is not None or self.recompute:
+                raise ValueError("--fraction, --corpus and --recompute belong to slice")
+            if self.per_layer and self.capture is None:
+                raise ValueError("--per-layer needs --capture")
+        else:
+            if self.fraction is None or not 0.0 <= self.fraction < 1.0:
+                raise ValueError("--fraction must be a number in [0, 1)")
+            if (self.capture is None) == (self.corpus is None):
+                raise ValueError("slice needs exactly one of --capture or --corpus")
+            if self.random_seed is not None or self.matrix is not None or self.per_layer:
+                raise ValueError("--random-seed, --matrix and --per-layer belong to rotate")
+            if self.recompute and self.corpus is None:
+                raise ValueError("--recompute runs the sliced model again, so it needs --corpus")
+            if self.recompute and self.steps < 2:
+                raise ValueError("--recompute needs --steps of at least 2")
+        if self.damping < 0:
+            raise ValueError("--damping cannot be negative")
+        if min(self.max_length, self.batch_size, self.check_windows) < 1 or self.check_tokens < 2:
+            raise ValueError("lengths, batch sizes and check windows must be positive")
+        for name in ("limit", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        return self
+
+
+def make_surgery_config(**kw: Any) -> SurgeryConfig:
+    """A validated :class:`SurgeryConfig`; a bad field is one :class:`GradfreeError` sentence."""
+    try:
+        return SurgeryConfig(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "extra_forbidden":
+            raise GradfreeError(f"Unknown surgery option '{err['loc'][0]}'.") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] != "value_error" and where:
+            msg = f"{where}: {msg}"
+        raise GradfreeError(f"Invalid {kw.get('command', 'surgery')} options: {msg}.") from None

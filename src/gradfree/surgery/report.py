@@ -1,0 +1,125 @@
+"""report.md of a ``gradfree rotate`` / ``gradfree slice`` output: what was done, the proof
+measured on the model's own text, the ledger, timing. Numbers come from the JSON record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradfree.io import write_text_atomic
+
+
+def _ppl_row(name: str, p: dict[str, Any]) -> str:
+    return f"| {name} | {p['ppl']:.4f} | {p['tokens']} |"
+
+
+def render(record: dict[str, Any], timing: str) -> str:
+    cfg, res = record["config"], record["result"]
+    chk = res["check"]
+    lines = [f"# gradfree {cfg['command']}: {cfg['model']}", ""]
+    b = res["basis"]
+    if b["kind"] == "pca":
+        lines.append(
+            f"Basis: PCA of the un-centered second moment ({b['statistic']} statistic, "
+            f"{b['sites']} sites, {b['tokens']} tokens, damping {b['damping']})."
+        )
+    else:
+        lines.append(
+            f"Basis: {b['kind']} ({', '.join(f'{k}={v}' for k, v in b.items() if k != 'kind')})."
+        )
+    f = res["fuse"]
+    lines.append(
+        f"Norms fused: {f['folded']} (max |w - 1| was {f['max_norm_weight_deviation']:.3g}); "
+        f"head untied: {f['untied']}."
+    )
+    lines += ["", "## Check on real text", ""]
+    lines.append(
+        f"{chk['windows']} windows of {chk['tokens_per_window']} tokens from "
+        f"`{cfg['check_corpus']}` ({cfg['check_split']}); the output folder reloaded with plain "
+        "`AutoModelForCausalLM.from_pretrained`."
+    )
+    lines += [
+        "",
+        "| comparison | max abs diff / max abs logit | Frobenius relative |",
+        "|---|---:|---:|",
+    ]
+    for key, name in (
+        ("reloaded_vs_original", "reloaded vs original model"),
+        ("reloaded_vs_in_memory", "reloaded vs edited model in memory"),
+    ):
+        lines.append(f"| {name} | {chk[key]['max_rel']:.3g} | {chk[key]['fro_rel']:.3g} |")
+    kind = chk["kind"]
+    lines += [
+        "",
+        f"This output is **{'exact' if kind == 'exact' else 'an approximation'}**: "
+        + (
+            "the function is preserved up to float rounding."
+            if kind == "exact"
+            else "slicing drops residual dimensions, so the logits change."
+        ),
+    ]
+    if "slice" in res:
+        s = res["slice"]
+        lines += [
+            "",
+            "## Slicing",
+            "",
+            f"Requested fraction {s['requested_fraction']} → width {s['requested_width']}; "
+            f"used width {s['width']} ({s['width_note']}); actual fraction "
+            f"{s['actual_fraction']:.4f}.",
+        ]
+        for st in s["stages"]:
+            lines.append(
+                f"- {st['from']} → {st['to']}: keeps {st['kept_energy']:.4f} of the "
+                f"calibration energy; reader scale {st['reader_scale']:.4f}"
+            )
+        if s["recompute"]:
+            lines.append(f"- recompute: {s['recompute']}")
+        p = res["params"]
+        lines += [
+            "",
+            f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
+            "",
+            "| model | held-out perplexity | tokens |",
+            "|---|---:|---:|",
+            _ppl_row("dense", res["dense_perplexity"]),
+            _ppl_row("sliced", res["sliced_perplexity"]),
+            "",
+            f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
+        ]
+    if "per_layer" in res:
+        pl = res["per_layer"]
+        lines += [
+            "",
+            "## Per-layer bases (simulation, not a checkpoint)",
+            "",
+            f"- transitions kept ({pl['with_transitions']['kind']}): max rel logits diff "
+            f"{pl['with_transitions']['max_rel']:.3g}",
+            f"- transitions dropped (**approximation**): max rel "
+            f"{pl['without_transitions']['max_rel']:.3g}, Frobenius rel "
+            f"{pl['without_transitions']['fro_rel']:.3g}",
+            f"- cost of keeping them: {pl['extra_params']:,} extra parameters "
+            f"({100 * pl['extra_params_share']:.1f}% of the model), "
+            f"{pl['extra_flops_per_token']:,} extra FLOPs per token",
+            f"- transition cost ‖Q_{{l+1}}ᵀQ_l − I‖_F/√d: max "
+            f"{max(pl['transition_cost'] or [0.0]):.3f}",
+        ]
+    lines += [
+        "",
+        "## Rotation ledger",
+        "",
+        "| name | layer | shape | max abs(RᵀR − I) | σ min | σ max | sha256 |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for e in record["ledger"]:
+        lines.append(
+            f"| {e['name']} | {e['layer']} | {e['shape'][0]}x{e['shape'][1]} | "
+            f"{e['orthogonality_error']:.2e} | {e['sv_min']:.6f} | {e['sv_max']:.6f} | "
+            f"`{e['sha256'][:16]}` |"
+        )
+    lines += ["", "## Time and memory", "", timing, ""]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, record: dict[str, Any], timing: str) -> None:
+    write_text_atomic(path, render(record, timing))
