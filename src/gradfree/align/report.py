@@ -88,6 +88,10 @@ def render_ablation(rec: dict[str, Any]) -> str:
         "coordinates at the mapped layer; RMS ratio = RMS of their difference over the "
         "teacher's RMS, averaged over blocks. The final site is compared after the final norm.",
         "",
+        "Rows with `changes function: no` (permutations, the one-basis rotation) change nothing "
+        "the model computes: their KL, prompt KL and answers equal the base's, and only the "
+        "coordinates in which the residual stream is written move (cos, RMS ratio).",
+        "",
         "## What each toggle bought",
         "",
     ]
@@ -169,6 +173,14 @@ def narrative(rec: dict[str, Any]) -> list[str]:
             f"{_delta(a['prompt_kl'], b['prompt_kl'])}, mean RMS ratio {_delta(rms_a, rms_b)}, "
             f"questions matched {qa_b} → {qa_a}."
         )
+    for name, r in rows.items():
+        tc = r.get("transition_cost")
+        if tc:
+            out.append(
+                f"- `{name}` uses per-stage bases without transitions (an approximation): "
+                f"transition cost ‖Q_(l+1)ᵀQ_l − I‖/√d mean {sum(tc) / len(tc):.3f}, max "
+                f"{max(tc):.3f}; its logit error is its KL change above."
+            )
     ps = rec.get("permutation_scores", {})
     if ps:
         hb = [v["heads_similarity_before"] for v in ps.values() if "heads_similarity_before" in v]

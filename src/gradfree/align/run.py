@@ -166,6 +166,14 @@ def _align_report(rec: dict[str, Any], cfg: AlignConfig, ledger: Path, watch: An
             f"- stage {r['stage']} (blocks {r['layers'][0]}–{r['layers'][-1]}): {r['reflections']} "
             f"reflection(s), mean cosine {' → '.join(f'{c:.3f}' for c in r['cosine_history'])}"
         )
+    for op in rec["ops"]:
+        tc = op.get("transition_cost")
+        if tc:
+            lines += [
+                "",
+                f"Per-stage/per-layer bases without transitions: transition cost mean "
+                f"{sum(tc) / len(tc):.3f}, max {max(tc):.3f} (0 means one shared basis).",
+            ]
     lines += ["", f"Rotation ledger: `{ledger}`.", "", watch.table(), ""]
     return "\n".join(lines)
 
