@@ -203,3 +203,27 @@ def test_ridge_head_with_inverse_transport_reproduces_teacher_logits(tmp_path: P
         blend=0.0,
     )
     assert torch.equal(w_one, w)
+
+
+# --- the real pair (slow) ---------------------------------------------------------------------
+REAL = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.mark.slow
+def test_real_pair_rotation_is_function_preserving(tmp_path: Path) -> None:
+    from gradfree.models import is_fetched, load_model
+
+    if not all(is_fetched(n) for n in REAL):
+        pytest.skip("the Qwen2.5-Coder 1.5B/0.5B pair is not fetched (gradfree models fetch)")
+    teacher, student = (load_model(n) for n in REAL)
+    cfg = AlignConfig(max_length=64, permute_neurons=False, pattern_docs=1, pattern_max_length=32)
+    plan = fit_alignment(teacher, student, docs()[:2], cfg, tmp_path)
+    assert plan.k == 896
+    ids = torch.tensor([list(student.tokenizer(TEXTS[0])["input_ids"])])
+    with torch.no_grad():
+        ref = student.model(ids).logits
+        model = copy.deepcopy(student.model)
+        apply_plan_(model, plan, permute=True, rotate=True)
+        out = model(ids).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert all(d["cosine_global"] > d["cosine_identity"] for d in plan.layers[:-1])
