@@ -121,3 +121,14 @@ def test_neuron_permutation_recovers_planted_neurons() -> None:
     partners = order[perm]
     assert partners.tolist() == sorted(partners.tolist())
     assert scores["correlation_after"] > 0.99
+
+
+def test_head_permutation_with_more_teacher_groups_pairs_the_matched_groups() -> None:
+    """4 teacher KV groups, 2 student groups: student group 1 resembles teacher group 3, whose
+    heads it must be matched with (not teacher group 0's)."""
+    sim = torch.zeros(8, 4, dtype=torch.float64)  # 2 heads per group on both sides
+    sim[6, 3] = sim[7, 2] = 1.0  # teacher group 3 ~ student group 1, heads crossed
+    sim[0, 0] = sim[1, 1] = 0.5  # teacher group 0 ~ student group 0
+    gperm, hperm, _ = head_permutation(sim, 4, 2)
+    assert gperm.tolist() == [0, 1]
+    assert hperm.tolist() == [0, 1, 3, 2]

@@ -47,6 +47,14 @@ def order_by_match(sim: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return perm, after, float(sim[idx, idx].mean())
 
 
+def _partners(sim: torch.Tensor) -> dict[int, int]:
+    """Student unit -> teacher unit, from the Hungarian matching of ``sim`` (teacher×student)."""
+    n_t, n_s = sim.shape
+    if n_t <= n_s:
+        return {int(c): i for i, c in enumerate(hungarian(sim))}
+    return {j: int(r) for j, r in enumerate(hungarian(sim.T))}
+
+
 def _patterns(q: torch.Tensor, k: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
     """Causal attention patterns (heads, T, T) from post-RoPE q (T, H·hd) and k (T, KV·hd)."""
     t = q.shape[0]
@@ -116,11 +124,13 @@ def head_permutation(
     gt, gs = n_t // teacher_kv, n_s // student_kv
     gsim = sim.reshape(teacher_kv, gt, student_kv, gs).mean(dim=(1, 3))
     gperm, _, _ = order_by_match(gsim)
+    partner = _partners(gsim)  # student group -> its matched teacher group
     parts = []
     scores_after, scores_before = [], []
     for new_g, old_g in enumerate(gperm.tolist()):
         s_cols = list(range(old_g * gs, (old_g + 1) * gs))
-        t_rows = list(range(new_g * gt, (new_g + 1) * gt)) if new_g < teacher_kv else []
+        tg = partner.get(old_g)
+        t_rows = [] if tg is None else list(range(tg * gt, (tg + 1) * gt))
         if t_rows:
             p, after, _ = order_by_match(sim[t_rows][:, s_cols])
             scores_after.append(after)
