@@ -8,7 +8,8 @@ every supported family (tied embeddings, biases, GQA and Qwen3's q/k norms inclu
 * :func:`untie_`, :func:`fuse_norms_` — give the head its own weight; fold RMSNorm weights into
   the linears that read them (the SliceGPT/QuaRot preliminary; no mean-centring for RMSNorm).
 * :func:`rotate_residual_` — one orthogonal basis for the whole residual stream (SliceGPT's
-  computational invariance); :func:`per_layer_rotation_error` measures per-layer bases.
+  computational invariance); :func:`per_layer_rotation_error` measures per-layer bases and
+  :func:`rotate_per_layer_` applies them (an approximation: no transitions).
 * :func:`permute_heads_`, :func:`permute_kv_groups_`, :func:`permute_neurons_` — GQA-safe
   permutations of heads, KV groups and MLP neurons.
 * :func:`rotate_head_values_`, :func:`rotate_qk_pairs_` — orthogonal maps inside heads: values
@@ -37,7 +38,7 @@ from gradfree.surgery.maths import (
     transition_costs,
 )
 from gradfree.surgery.permute import permute_heads_, permute_kv_groups_, permute_neurons_
-from gradfree.surgery.rotate import per_layer_rotation_error, rotate_residual_
+from gradfree.surgery.rotate import per_layer_rotation_error, rotate_per_layer_, rotate_residual_
 from gradfree.surgery.slicing import slice_
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "random_orthogonal",
     "random_permutation",
     "rotate_head_values_",
+    "rotate_per_layer_",
     "rotate_qk_pairs_",
     "rotate_residual_",
     "rotation_entry",

@@ -74,6 +74,30 @@ def rotate_residual_(model: nn.Module, q: torch.Tensor, *, tol: float = 1e-6) ->
 
 
 @torch.no_grad()
+def rotate_per_layer_(model: nn.Module, qs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Block ``l`` reads and writes in its own basis ``qs[l]``, with no transitions (in place).
+
+    An *approximation* unless all the ``qs`` are equal: embeddings are written in ``qs[0]`` and
+    the head reads ``qs[-1]``. Norm weights must be 1 (run ``fuse_norms_`` first); a tied head
+    must be untied. Returns a ledger with the transition costs and every basis' entry.
+    """
+    a = get_adapter(model)
+    if len(qs) != a.num_layers:
+        raise GradfreeError(f"Give one basis per layer: {a.num_layers}, not {len(qs)}.")
+    q64 = [check_orthogonal(q, a.hidden_size, f"basis of layer {i}") for i, q in enumerate(qs)]
+    require_unit_norms(a, "Rotating the residual stream")
+    _rotate_ends_(a, q64[0], q64[-1])
+    for layer, q in zip(a.layers, q64, strict=True):
+        _rotate_block_(layer, q)
+    return {
+        "op": "rotate_per_layer",
+        "kind": "approximation",
+        "transition_cost": transition_costs(q64),
+        "rotations": [rotation_entry(q, "Q", i) for i, q in enumerate(q64)],
+    }
+
+
+@torch.no_grad()
 def per_layer_rotation_error(
     model: nn.Module, qs: Sequence[torch.Tensor], input_ids: torch.Tensor
 ) -> dict[str, Any]:
@@ -91,10 +115,7 @@ def per_layer_rotation_error(
     ref = model(input_ids).logits
     sim = copy.deepcopy(model)
     fuse_norms_(sim)
-    sa = get_adapter(sim)
-    _rotate_ends_(sa, q64[0], q64[-1])
-    for layer, q in zip(sa.layers, q64, strict=True):
-        _rotate_block_(layer, q)
+    rotate_per_layer_(sim, q64)
     diff = (sim(input_ids).logits - ref).to(torch.float64)
     ref64 = ref.to(torch.float64)
     return {
