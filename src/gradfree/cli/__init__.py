@@ -14,7 +14,7 @@ from gradfree import __version__
 from gradfree.errors import GradfreeError
 
 # Command modules, in the order `gradfree --help` lists them.
-COMMAND_MODULES = ["models", "data", "capture", "spectrum", "evaluate", "demo"]
+COMMAND_MODULES = ["models", "data", "capture", "spectrum", "evaluate", "demo", "compress"]
 
 
 def build_app() -> typer.Typer:
