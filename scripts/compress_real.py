@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--news", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--bases", default="joint,two_tier,svd")
-    ap.add_argument("--merges", default="none,uniform,alignment,optimal,ridge")
+    ap.add_argument(
+        "--merges", default="none,uniform,alignment,optimal,ridge,optimal+head,ridge+head"
+    )
     ap.add_argument("--save", default="", help="variant name whose checkpoint is saved")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,9 @@ def main() -> None:
             if name in results:
                 continue
             with clock.stage(f"merge {name}"):
-                sol = merge(proj, t.model, s.model, cap, make_recipe(rb, merge=m))
+                mode, _, extra = m.partition("+")
+                rm = make_recipe(rb, merge=mode, ridge_head=extra == "head")
+                sol = merge(proj, t.model, s.model, cap, rm)
             run_eval(name, sol.model)
             results[name]["merge"] = sol.merge.describe() if sol.merge else None
             results[name]["profile"] = sol.merge_profile()

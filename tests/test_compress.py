@@ -84,20 +84,46 @@ def test_identity_teacher_is_a_fixed_point(tmp_path: Path) -> None:
         assert torch.allclose(_logits(sol.model), ref, atol=1e-4)
 
 
-def test_planted_teacher_differs_from_a_merge_with_another_student(tmp_path: Path) -> None:
-    # A merge with a real teacher must change the model (the fixed-point test cannot fail
-    # by returning the student unconditionally).
+def test_merges_with_another_teacher_change_the_student_and_ridge_head_fits_better(
+    tmp_path: Path,
+) -> None:
+    # A merge with a real teacher must change the model (so the fixed-point test cannot pass by
+    # returning the student unconditionally), and the ridge head must reach a lower logit loss
+    # against the teacher than the student's head and the α-merged head (it is their minimiser).
+    from gradfree.compress import capture_pair, fold_pair_, merge, project
+    from gradfree.solvers import linear_loss_from_stats
+
     student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, seed=0)
-    other = tiny_model("qwen2", hidden_size=48, intermediate_size=64, seed=5)
+    teacher = tiny_model("qwen2", hidden_size=48, intermediate_size=64, seed=5)
+    ref = _logits(student)
     tok = tiny_tokenizer()
-    sol, _ = compress(
-        Subject(other, tok),
-        Subject(copy.deepcopy(student), tok),
-        DOCS,
-        tmp_path / "o",
-        make_recipe(merge="uniform", alpha=0.5, **FAST),
+    fold_pair_(teacher, student)
+    recipe = make_recipe(**FAST)
+    cap = capture_pair(
+        Subject(teacher, tok), Subject(student, tok), DOCS, tmp_path / "cap", recipe, [0, 1]
     )
-    assert not torch.allclose(_logits(sol.model), _logits(student), atol=1e-3)
+    proj = project(teacher, student, cap, recipe)
+    uni = merge(proj, teacher, student, cap, make_recipe(recipe, merge="uniform", alpha=0.5))
+    assert not torch.allclose(_logits(uni.model), ref, atol=1e-3)
+    opt = merge(proj, teacher, student, cap, make_recipe(recipe, merge="optimal"))
+    head = merge(
+        proj,
+        teacher,
+        student,
+        cap,
+        make_recipe(recipe, merge="optimal", ridge_head=True, ridge_lambda=1e-6),
+    )
+    xtx = cap.stats("student", "final.normed").second_moment()
+    cr = cap.cross("final.normed", "final.normed")
+    h_t = teacher.lm_head.weight.detach().double()
+    xty = (cr.m_ab / cr.count).T @ h_t.T
+    yty = float(torch.trace(h_t @ cap.stats("teacher", "final.normed").second_moment() @ h_t.T))
+
+    def loss(m: torch.nn.Module) -> float:
+        return linear_loss_from_stats(xtx, xty, yty, m.lm_head.weight.detach().double())
+
+    assert loss(head.model) < loss(opt.model) <= loss(student) + 1e-9
+    assert 0.0 <= opt.merge.head <= 1.0 if opt.merge else False
 
 
 @pytest.mark.parametrize(

@@ -81,3 +81,31 @@ def ridge_readers_(
         a, m = reader_moments(cap, f"blocks.{tl}.mlp_in", f"blocks.{j}.mlp_in", v_in, c)
         _fit_rows_(lm.gate_proj, ls.gate_proj, lp.gate_proj, a, m, lam)
         _fit_rows_(lm.up_proj, ls.up_proj, lp.up_proj, a, m, lam)
+
+
+@torch.no_grad()
+def ridge_head_(
+    model: nn.Module, student: nn.Module, teacher: nn.Module, cap: Capture, lam: float
+) -> None:
+    """LM head H = argmin ‖X_S Hᵀ − X_T H_Tᵀ‖² + λ‖H − H_S‖²: the student's final normed states
+    X_S regressed onto the teacher's exact logits (no basis involved), from E[x_S x_Sᵀ] and the
+    cross-moment E[x_S x_Tᵀ]; solved in row chunks (151,936 rows) by
+    :func:`gradfree.solvers.ridge_from_stats_chunked`."""
+    from gradfree.solvers import ridge_from_stats_chunked
+
+    m, s, t = get_adapter(model), get_adapter(student), get_adapter(teacher)
+    xtx = cap.stats("student", "final.normed").second_moment()
+    cr = cap.cross("final.normed", "final.normed")
+    c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
+    h_t, h_s = param(t.lm_head), param(s.lm_head)
+
+    def xty(a: int, b: int) -> torch.Tensor:
+        return c_st @ f64(h_t[a:b]).T
+
+    def prior(a: int, b: int) -> torch.Tensor:
+        return f64(h_s[a:b])
+
+    head = ridge_from_stats_chunked(
+        xtx, xty, h_s.shape[0], prior=prior, rel_lam=lam, dtype=param(m.lm_head).dtype
+    )
+    assign_(m.lm_head, "weight", head)

@@ -198,6 +198,11 @@ def _lerp_(
             continue
         if cols is not None and name == "bias":
             continue
+        if rows is None and cols is None:  # in place, a block of rows at a time (embeddings)
+            for r in range(0, d.shape[0], _CHUNK):
+                blk = f64(d[r : r + _CHUNK])
+                d[r : r + _CHUNK] = (alpha * f64(s[r : r + _CHUNK]) + (1 - alpha) * blk).to(d.dtype)
+            continue
         full = f64(d).clone()
         sv = f64(s)
         if rows is not None:

@@ -32,7 +32,7 @@ from gradfree.compress.attention import (
     rope_pairs,
 )
 from gradfree.compress.bases import BasisSet, residual_bases
-from gradfree.compress.distill import ridge_readers_
+from gradfree.compress.distill import ridge_head_, ridge_readers_
 from gradfree.compress.merge import (
     MergePlan,
     alignment_plan,
@@ -328,6 +328,8 @@ def merge(
             c,
             recipe.ridge_lambda,
         )
+    if recipe.ridge_head:
+        ridge_head_(model, student, teacher, cap, recipe.ridge_lambda)
     sol.merge, sol.model = plan, model
     return sol
 

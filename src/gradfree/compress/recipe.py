@@ -36,6 +36,8 @@ class CompressRecipe(BaseModel):
       per block and KV group from the captured statistics), "ridge" (closed-form layer-wise
       distillation of every reader linear toward the teacher, ridge ``ridge_lambda`` toward the
       student's weights).
+    * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
+      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -55,6 +57,7 @@ class CompressRecipe(BaseModel):
     alignment_threshold: float = 0.3
     alpha_embed: float | None = None
     ridge_lambda: float = 1.0
+    ridge_head: bool = False
     # capture
     max_length: int = 256
     batch_size: int = 2
@@ -80,6 +83,8 @@ class CompressRecipe(BaseModel):
             raise ValueError("dump_rate must be in (0, 1]")
         if isinstance(self.layer_map, str) and self.layer_map not in ("proportional", "cka"):
             raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
+        if self.ridge_head and self.merge == "none":
+            raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
             raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
         return self
