@@ -31,10 +31,11 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=12)
     ap.add_argument("--news", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--bases", default="joint,two_tier,svd")
+    ap.add_argument("--bases", default="joint,two_tier,svd,joint:per_layer")
     ap.add_argument(
         "--merges", default="none,uniform,alignment,optimal,ridge,optimal+head,ridge+head"
     )
+    ap.add_argument("--merges-other", default="none,optimal,ridge+head", help="for later bases")
     ap.add_argument("--save", default="", help="variant name whose checkpoint is saved")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,11 +90,12 @@ def main() -> None:
             cap = load_capture(cap_dir)
         else:
             cap = capture_pair(t, s, calib, cap_dir, base, lmap, progress=False)
-    for b in args.bases.split(","):
-        rb = make_recipe(base, basis=b)
+    for bi, b in enumerate(args.bases.split(",")):
+        kind, _, opt = b.partition(":")
+        rb = make_recipe(base, basis=kind, per_layer=opt == "per_layer")
         with clock.stage(f"project {b}"):
             proj = project(t.model, s.model, cap, rb)
-        for m in args.merges.split(","):
+        for m in (args.merges if bi == 0 else args.merges_other).split(","):
             name = f"{b}/{m}"
             if name in results:
                 continue
