@@ -68,6 +68,29 @@ def test_planted_rotation_is_recovered_exactly(family: str, tmp_path: Path) -> N
     assert all(abs(m.matched_correlation - 1) < 1e-4 for m in sol.mlp)
 
 
+@pytest.mark.parametrize(
+    ("basis", "per_layer", "layer_map"),
+    [("svd", False, "proportional"), ("two_tier", True, "proportional"), ("joint", True, "cka")],
+)
+def test_every_aligned_basis_recovers_the_planted_rotation(
+    basis: str, per_layer: bool, layer_map: str, tmp_path: Path
+) -> None:
+    student = tiny_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    teacher, q = embed_student(student, 40, seed=4, permute=False)
+    tok = tiny_tokenizer()
+    recipe = make_recipe(
+        basis=basis, per_layer=per_layer, layer_map=layer_map, merge="none", **FAST
+    )
+    sol, _ = compress(
+        Subject(teacher, tok), Subject(copy.deepcopy(student), tok), DOCS, tmp_path / "o", recipe
+    )
+    assert sol.layer_map == [0, 1]
+    for v in sol.bases.bases:
+        assert torch.allclose(v, q[:, :32], atol=1e-4)
+    assert all(d["transition_cost"] < 1e-4 for d in sol.bases.diagnostics)
+    assert torch.allclose(_logits(sol.projected), _logits(student), atol=1e-4)
+
+
 def test_identity_teacher_is_a_fixed_point(tmp_path: Path) -> None:
     student = tiny_model("qwen2", hidden_size=32, intermediate_size=48)
     ref = _logits(student)
