@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,20 @@ from gradfree.models import load_model
 from gradfree.provenance import Stopwatch
 
 
+def parse_variant(base: Any, spec: str) -> Any:
+    """``mode[@alpha][+head][~lambda]``, e.g. ``uniform@0+head~0.1``: merge mode, its α, a ridge
+    LM head, the ridge λ (relative)."""
+    spec, _, lam = spec.partition("~")
+    spec, _, head = spec.partition("+")
+    mode, _, alpha = spec.partition("@")
+    kw: dict[str, Any] = {"merge": mode, "ridge_head": head == "head"}
+    if alpha:
+        kw["alpha"] = float(alpha)
+    if lam:
+        kw["ridge_lambda"] = float(lam)
+    return make_recipe(base, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -33,9 +48,11 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--bases", default="joint,two_tier,svd,joint:per_layer")
     ap.add_argument(
-        "--merges", default="none,uniform,alignment,optimal,ridge,optimal+head,ridge+head"
+        "--merges",
+        default="none,optimal,uniform@0+head~0.1,ridge+head~0.1,optimal+head~0.1,"
+        "uniform,alignment,ridge~0.1,ridge+head~1",
     )
-    ap.add_argument("--merges-other", default="none,optimal,ridge+head", help="for later bases")
+    ap.add_argument("--merges-other", default="none,optimal,ridge+head~0.1", help="for later bases")
     ap.add_argument("--save", default="", help="variant name whose checkpoint is saved")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,8 +117,7 @@ def main() -> None:
             if name in results:
                 continue
             with clock.stage(f"merge {name}"):
-                mode, _, extra = m.partition("+")
-                rm = make_recipe(rb, merge=mode, ridge_head=extra == "head")
+                rm = parse_variant(rb, m)
                 sol = merge(proj, t.model, s.model, cap, rm)
             run_eval(name, sol.model)
             results[name]["merge"] = sol.merge.describe() if sol.merge else None
