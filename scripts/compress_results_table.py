@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-rows = json.load(open(sys.argv[1]))
+rows = json.loads(Path(sys.argv[1]).read_text())
 base = rows["student"]
 print("| variant | tour KL(teacher‖model) | tour ppl | tour top-1 | news ppl | news vs student |")
 print("|---|---:|---:|---:|---:|---:|")
