@@ -1,0 +1,86 @@
+"""`gradfree compress`: project a teacher into the student's shape and merge it with the student.
+
+Thin: load the recipe (YAML, with command-line overrides), the models and the corpus, call
+:func:`gradfree.compress.compress`, print the merge profile. torch is imported only when the
+command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gradfree.errors import GradfreeError
+
+
+def compress(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model (name, folder or file)."),
+    student: str = typer.Option(..., "--student", help="Student model; the output has its shape."),
+    corpus: str = typer.Option(..., "--corpus", help="Calibration corpus name or path."),
+    out: Path = typer.Option(..., "--out", help="Output folder (checkpoint + report)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe of options."),
+    split: str | None = typer.Option(None, "--split", help="Corpus split, e.g. calibration."),
+    limit: int | None = typer.Option(None, "--limit", help="Use at most N documents."),
+    basis: str | None = typer.Option(None, "--basis", help="svd, two_tier, joint (recipe wins)."),
+    merge: str | None = typer.Option(
+        None, "--merge", help="none, uniform, alignment, optimal, ridge (overrides the recipe)."
+    ),
+    alpha: float | None = typer.Option(None, "--alpha", help="α for uniform/alignment merges."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Capture window length."),
+    device: str = typer.Option("cpu", "--device", help="Device of the models."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
+    keep_capture: bool = typer.Option(False, "--keep-capture", help="Keep out/capture."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Compress a teacher into a student-shaped checkpoint (gradient-free) and write a report."""
+    from gradfree.compress import compress as run
+    from gradfree.compress import load_recipe, make_recipe
+    from gradfree.corpora import corpus_manifest, load_corpus
+    from gradfree.io import check_new_output
+    from gradfree.models import load_model
+
+    overrides = {"basis": basis, "merge": merge, "alpha": alpha, "max_length": max_length}
+    rec = load_recipe(recipe, **overrides) if recipe else make_recipe(None, **overrides)
+    check_new_output(out, overwrite)  # fail before loading anything
+    docs = load_corpus(corpus, split=split, limit=limit)
+    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
+    t = load_model(teacher, device=device, dtype=dtype)
+    s = load_model(student, device=device, dtype=dtype)
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise GradfreeError("The teacher and the student must share one tokenizer vocabulary.")
+    inputs = {
+        "teacher": {"spec": teacher, "fingerprint": t.fingerprint},
+        "student": {"spec": student, "fingerprint": s.fingerprint},
+        "corpus": manifest,
+        "device": device,
+        "dtype": dtype,
+    }
+    sol, path = run(
+        t,
+        s,
+        docs,
+        out,
+        rec,
+        overwrite=overwrite,
+        progress=progress,
+        corpus=manifest,
+        keep_capture=keep_capture,
+        inputs=inputs,
+    )
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"merge profile ({rec.merge})")
+    cols = ["layer", "teacher_layer", "alpha_attn", "alpha_mlp", "alignment", "variance_preserved"]
+    for c in cols:
+        table.add_column(c)
+    for row in sol.merge_profile():
+        table.add_row(*(str(row[c]) for c in cols))
+    Console(stderr=True, width=120).print(table)
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)

@@ -1,0 +1,45 @@
+"""Teacher → student compression and activation-informed merging (seed 000), without gradients.
+
+A teacher is projected into the student's exact shape through a residual basis V (d_T×d_S)
+aligned to the student's coordinates, with KV-group-aware head selection/matching, RoPE-aware
+head-dim reduction and neuron selection/matching, then merged with the student
+(W = α W'_T + (1 − α) W_S, α per block and KV group) or ridge-distilled from captured statistics.
+
+    from gradfree.compress import compress, make_recipe
+    recipe = make_recipe(basis="joint", merge="optimal")
+    sol, out = compress(teacher, student, docs, "out/c", recipe)
+
+Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
+(head plans), ``mlp`` (neuron plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and
+interpolation), ``distill`` (closed-form ridge of the readers), ``pipeline`` (the steps),
+``report`` (the output folder), ``planted`` (teachers built from a student, for tests).
+"""
+
+from gradfree.compress.pipeline import (
+    Solution,
+    capture_pair,
+    compress,
+    fold_pair_,
+    merge,
+    project,
+    resolve_layer_map,
+    solve,
+)
+from gradfree.compress.recipe import CompressRecipe, load_recipe, make_recipe
+from gradfree.compress.report import save_checkpoint, write_report
+
+__all__ = [
+    "CompressRecipe",
+    "Solution",
+    "capture_pair",
+    "compress",
+    "fold_pair_",
+    "load_recipe",
+    "make_recipe",
+    "merge",
+    "project",
+    "resolve_layer_map",
+    "save_checkpoint",
+    "solve",
+    "write_report",
+]

@@ -1,0 +1,139 @@
+"""Project a (norm-folded) teacher into the student's exact shape: W' = V_outᵀ W V_in.
+
+Both models have unit RMSNorm weights (``fuse_norms_``). With r = Vᵀx and most of x's energy in
+span(V), ‖r‖ ≈ ‖x‖, so rms_S(r) = ‖r‖/√d_S ≈ √(d_T/d_S)·rms_T(x) and
+
+    n_S(r) ≈ √(d_S/d_T) · Vᵀ n_T(x).
+
+A teacher reader computes W n_T(x) ≈ W V Vᵀ n_T(x) = √(d_T/d_S) · W V n_S(r): readers of the
+normed stream (q, k, v, gate, up, LM head) get the factor c = √(d_T/d_S); biases do not (they are
+added after the product). Writers (o, down) map their outputs by V_outᵀ; the embedding is E V.
+The relation is exact when x lies in span(V) and the epsilons agree (eps_S = eps_T · d_T/d_S);
+the planted test builds such a teacher.
+
+Heads and neurons follow :mod:`.attention` and :mod:`.mlp`: q/k keep the selected RoPE pairs of
+the mapped teacher head (q scaled by √(h_S/h_T), or Qwen3's q_norm weight when the head has a
+q_norm, which would undo a scale of q), values are compressed by P_g, o reads through P_g, MLP
+neurons are selected, ordered and sign-flipped. The result is a copy of the student's module
+tree with the teacher's projected weights: same config, same parameter names.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gradfree.adapters import get_adapter
+from gradfree.compress.attention import AttentionPlan
+from gradfree.compress.bases import BasisSet
+from gradfree.compress.mlp import MlpPlan
+from gradfree.numerics import f64
+from gradfree.surgery.edit import assign_, maybe_param, param
+
+_CHUNK = 8192
+
+
+def _rows_times(w: torch.Tensor, m: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale · W M, computed in float64 a block of rows at a time, returned in ``dtype``."""
+    out = torch.empty(w.shape[0], m.shape[1], dtype=dtype, device=w.device)
+    mm = f64(m).to(w.device)
+    for a in range(0, w.shape[0], _CHUNK):
+        out[a : a + _CHUNK] = (scale * (f64(w[a : a + _CHUNK]) @ mm)).to(dtype)
+    return out
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if maybe_param(module, name) is not None:
+        assign_(module, name, value)
+
+
+@torch.no_grad()
+def project_teacher(
+    teacher: nn.Module,
+    student: nn.Module,
+    bases: BasisSet,
+    layer_map: Sequence[int],
+    attn: Sequence[AttentionPlan],
+    mlp: Sequence[MlpPlan],
+) -> nn.Module:
+    """A copy of ``student`` holding the teacher's weights projected into its shape."""
+    t, s = get_adapter(teacher), get_adapter(student)
+    out = copy.deepcopy(student)
+    p = get_adapter(out)
+    c = math.sqrt(t.hidden_size / s.hidden_size)
+    dtype = param(s.embed_tokens).dtype
+    assign_(p.embed_tokens, "weight", _rows_times(param(t.embed_tokens), bases.read(0), 1.0, dtype))
+    assign_(p.lm_head, "weight", _rows_times(param(t.lm_head), bases.bases[-1], c, dtype))
+    gt, gs = t.geometry, s.geometry
+    ht, hs = gt.head_dim, gs.head_dim
+    for j in range(s.num_layers):
+        lt, lp = t.layer(layer_map[j]), p.layer(j)
+        v_in, v_out = f64(bases.read(j)), f64(bases.write(j))
+        plan = attn[j]
+        dims = plan.qk_dims
+        qk_norm = lt.q_norm is not None and lp.q_norm is not None
+        q_scale = 1.0 if qk_norm else plan.q_scale
+        wq, bq = f64(param(lt.q_proj)), maybe_param(lt.q_proj, "bias")
+        wk, bk = f64(param(lt.k_proj)), maybe_param(lt.k_proj, "bias")
+        wv, bv = f64(param(lt.v_proj)), maybe_param(lt.v_proj, "bias")
+        wo = f64(param(lt.o_proj))
+        q = torch.zeros(gs.q_dim, s.hidden_size, dtype=torch.float64)
+        qb = torch.zeros(gs.q_dim, dtype=torch.float64)
+        o = torch.zeros(s.hidden_size, gs.q_dim, dtype=torch.float64)
+        for sh, th in enumerate(plan.head_map):
+            if th < 0:
+                continue  # no teacher head: zero output weights (see attention.py)
+            rows = th * ht + dims
+            g = gs.kv_group(sh)
+            q[sh * hs : (sh + 1) * hs] = q_scale * c * wq[rows] @ v_in
+            if bq is not None:
+                qb[sh * hs : (sh + 1) * hs] = q_scale * f64(bq)[rows]
+            o[:, sh * hs : (sh + 1) * hs] = (
+                v_out.T @ wo[:, th * ht : (th + 1) * ht] @ plan.values[g]
+            )
+        k = torch.zeros(gs.kv_dim, s.hidden_size, dtype=torch.float64)
+        kb = torch.zeros(gs.kv_dim, dtype=torch.float64)
+        v = torch.zeros_like(k)
+        vb = torch.zeros_like(kb)
+        for g in range(gs.num_kv_heads):
+            rows = g * ht + dims
+            blk = slice(g * hs, (g + 1) * hs)
+            pg = plan.values[g]
+            k[blk] = c * wk[rows] @ v_in
+            v[blk] = c * pg.T @ wv[g * ht : (g + 1) * ht] @ v_in
+            if bk is not None:
+                kb[blk] = f64(bk)[rows]
+            if bv is not None:
+                vb[blk] = pg.T @ f64(bv)[g * ht : (g + 1) * ht]
+        assign_(lp.q_proj, "weight", q)
+        assign_(lp.k_proj, "weight", k)
+        assign_(lp.v_proj, "weight", v)
+        assign_(lp.o_proj, "weight", o)
+        _set(lp.q_proj, "bias", qb)
+        _set(lp.k_proj, "bias", kb)
+        _set(lp.v_proj, "bias", vb)
+        bo = maybe_param(lt.o_proj, "bias")
+        if bo is not None:
+            _set(lp.o_proj, "bias", v_out.T @ f64(bo))
+        if qk_norm and lt.q_norm is not None and lp.q_norm is not None:
+            assign_(lp.q_norm, "weight", f64(param(lt.q_norm))[dims] * plan.q_scale)
+        if lt.k_norm is not None and lp.k_norm is not None:
+            assign_(lp.k_norm, "weight", f64(param(lt.k_norm))[dims])
+        m = mlp[j]
+        idx, sg = m.neurons, m.signs
+        assign_(lp.gate_proj, "weight", c * f64(param(lt.gate_proj))[idx] @ v_in)
+        assign_(lp.up_proj, "weight", c * sg[:, None] * f64(param(lt.up_proj))[idx] @ v_in)
+        assign_(lp.down_proj, "weight", v_out.T @ f64(param(lt.down_proj))[:, idx] * sg[None, :])
+        for name, lin, sign in (("gate", lt.gate_proj, None), ("up", lt.up_proj, sg)):
+            b = maybe_param(lin, "bias")
+            if b is not None:
+                bb = f64(b)[idx] * (sign if sign is not None else 1.0)
+                _set(getattr(lp, f"{name}_proj"), "bias", bb)
+        bd = maybe_param(lt.down_proj, "bias")
+        if bd is not None:
+            _set(lp.down_proj, "bias", v_out.T @ f64(bd))
+    return out

@@ -1,0 +1,133 @@
+"""The compression recipe: every choice of ``gradfree compress`` as one strict pydantic model.
+
+A recipe is loadable from YAML (:func:`load_recipe`) or built from a dict/keywords
+(:func:`make_recipe`); unknown or inconsistent fields fail with one sentence. The resolved recipe
+is written to ``recipe.json`` in every output folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from gradfree.errors import GradfreeError
+
+Basis = Literal["svd", "two_tier", "joint", "identity"]
+Merge = Literal["none", "uniform", "alignment", "optimal", "ridge"]
+
+
+class CompressRecipe(BaseModel):
+    """How a teacher is projected into the student's shape and merged with it.
+
+    * ``layer_map``: "proportional", "cka" (monotone DP maximising summed linear CKA of the
+      block inputs) or explicit teacher layer indices, one per student layer.
+    * ``basis``: residual basis V (d_T×d_S). ``svd`` = top principal directions (aligned to the
+      student by one Procrustes rotation when ``align``), ``two_tier`` = trunk + PCA of the
+      residual, each tier aligned by Procrustes, ``joint`` = semi-orthogonal Procrustes from the
+      teacher×student cross-moment, ``identity`` = the first d_S teacher coordinates (tests).
+    * ``per_layer``: one basis per student block (no transition matrices: a block reads and writes
+      in its own basis) instead of one global basis.
+    * ``basis_stats``: "all" tokens (the first token's massive activations dominate the second
+      moment, so those dimensions are kept) or "body" (first token excluded).
+    * ``merge``: "none" (the projected teacher alone, α = 1), "uniform" (``alpha``), "alignment"
+      (α = ``alpha`` · alignment cosine, 0 below ``alignment_threshold``), "optimal" (closed-form α
+      per block and KV group from the captured statistics), "ridge" (closed-form layer-wise
+      distillation of every reader linear toward the teacher, ridge ``ridge_lambda`` toward the
+      student's weights).
+    * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
+      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer_map: str | list[int] = "proportional"
+    basis: Basis = "joint"
+    trunk_fraction: float = 0.5
+    align: bool = True
+    per_layer: bool = False
+    basis_stats: Literal["all", "body"] = "all"
+    head_select: Literal["importance", "first"] = "importance"
+    head_match: Literal["hungarian", "none"] = "hungarian"
+    value_align: bool = True
+    mlp_match: Literal["hungarian", "none"] = "hungarian"
+    merge: Merge = "optimal"
+    alpha: float = 0.5
+    alignment_threshold: float = 0.3
+    alpha_embed: float | None = None
+    ridge_lambda: float = 1.0
+    ridge_head: bool = False
+    # capture
+    max_length: int = 256
+    batch_size: int = 2
+    dump_rate: float = 0.25
+    dump_max: int = 4000
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompressRecipe:
+        if not 0.0 <= self.trunk_fraction <= 1.0:
+            raise ValueError("trunk_fraction must be between 0 and 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be between 0 and 1")
+        if self.alpha_embed is not None and not 0.0 <= self.alpha_embed <= 1.0:
+            raise ValueError("alpha_embed must be between 0 and 1")
+        if not -1.0 <= self.alignment_threshold <= 1.0:
+            raise ValueError("alignment_threshold must be between -1 and 1")
+        if self.ridge_lambda <= 0:
+            raise ValueError("ridge_lambda must be positive")
+        if self.max_length < 2 or self.batch_size < 1 or self.dump_max < 1:
+            raise ValueError("max_length must be at least 2 and batch_size, dump_max at least 1")
+        if not 0.0 < self.dump_rate <= 1.0:
+            raise ValueError("dump_rate must be in (0, 1]")
+        if isinstance(self.layer_map, str) and self.layer_map not in ("proportional", "cka"):
+            raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
+        if self.ridge_head and self.merge == "none":
+            raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
+        if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
+            raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
+        return self
+
+
+def _message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"Unknown recipe option '{where}'."
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] != "value_error" and where:
+        msg = f"{where}: {msg}"
+    return f"Invalid recipe: {msg[:1].lower()}{msg[1:]}."
+
+
+def make_recipe(value: CompressRecipe | dict[str, Any] | None = None, **kw: Any) -> CompressRecipe:
+    """A validated recipe from a recipe, a dict and/or keywords (keywords win)."""
+    data: dict[str, Any] = {}
+    if isinstance(value, CompressRecipe):
+        data = value.model_dump()
+    elif value is not None:
+        data = dict(value)
+    data.update({k: v for k, v in kw.items() if v is not None})
+    try:
+        return CompressRecipe(**data)
+    except ValidationError as e:
+        raise GradfreeError(_message(e)) from None
+
+
+def load_recipe(path: str | Path, **overrides: Any) -> CompressRecipe:
+    """Read a YAML recipe (a mapping of recipe options); ``overrides`` win over the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GradfreeError(f"The recipe file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise GradfreeError(
+            f"The recipe file {path} is not valid YAML ({type(e).__name__})."
+        ) from e
+    if not isinstance(data, dict):
+        raise GradfreeError(f"The recipe file {path} must hold a mapping of recipe options.")
+    return make_recipe(data, **overrides)

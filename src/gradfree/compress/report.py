@@ -1,0 +1,141 @@
+"""The output folder of ``gradfree compress``: checkpoint, tokenizer, recipe, diagnostics, report.
+
+Layout: the Hugging Face checkpoint (``config.json``, ``model.safetensors``, tokenizer files) at
+the top so that ``AutoModelForCausalLM.from_pretrained(out)`` loads it; ``recipe.json`` (the
+resolved recipe), ``report.json`` (versions, machine, inputs, layer map, bases diagnostics, head
+and neuron plans, merge profile, timings, evaluation if any), ``report.md`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradfree.io import write_json_atomic, write_text_atomic
+from gradfree.provenance import Stopwatch, machine, versions
+
+if TYPE_CHECKING:
+    from gradfree.compress.pipeline import Solution
+
+
+def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
+    """A plain HF folder: weights with the (untied where needed) student config + tokenizer."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def report_data(
+    sol: Solution,
+    clock: Stopwatch | None = None,
+    inputs: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "versions": versions(),
+        "machine": machine(),
+        "inputs": inputs or {},
+        "recipe": sol.recipe.model_dump(mode="json"),
+        "config_changes": sol.config_changes,
+        "layer_map": sol.layer_map,
+        "rope_max_log_frequency_gap": sol.rope_gap,
+        "bases": {"kind": sol.bases.kind, "points": sol.bases.diagnostics},
+        "attention": [a.describe() for a in sol.attention],
+        "mlp": [m.describe() for m in sol.mlp],
+        "merge": sol.merge.describe() if sol.merge else None,
+        "merge_profile": sol.merge_profile(),
+        "timings": clock.rows if clock else [],
+        "evaluation": evaluation,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plots(sol: Solution, folder: Path) -> list[str]:
+    """Per-layer diagnostics and the merge profile as PNGs (skipped without matplotlib)."""
+    try:
+        from gradfree.plots import line_plot
+    except ImportError:  # pragma: no cover - matplotlib is a core dependency
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    prof = sol.merge_profile()
+    x = [r["layer"] for r in prof]
+    written = [
+        line_plot(
+            {
+                k: (x, [float(r[k]) for r in prof])
+                for k in ("alignment", "cka", "variance_preserved", "transition_cost")
+            },
+            folder / "diagnostics.png",
+            title="residual basis diagnostics per student block",
+            xlabel="student block",
+            ylabel="value",
+        ),
+        line_plot(
+            {
+                "alpha_mlp": (x, [r["alpha_mlp"] for r in prof]),
+                **{
+                    f"alpha_attn_g{g}": (x, [r["alpha_attn"][g] for r in prof])
+                    for g in range(len(prof[0]["alpha_attn"]))
+                },
+            },
+            folder / "merge_profile.png",
+            title=f"merge profile ({sol.merge.mode if sol.merge else 'projected teacher'})",
+            xlabel="student block",
+            ylabel="alpha",
+        ),
+    ]
+    return [str(p.name) for p in written]
+
+
+def write_report(
+    sol: Solution,
+    folder: Path,
+    clock: Stopwatch | None = None,
+    inputs: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    data = report_data(sol, clock, inputs, evaluation)
+    data["plots"] = plots(sol, folder / "plots")
+    write_json_atomic(folder / "recipe.json", sol.recipe.model_dump(mode="json"))
+    write_json_atomic(folder / "report.json", data)
+    prof = [
+        {**r, "alpha_attn": "/".join(str(a) for a in r["alpha_attn"])}
+        for r in data["merge_profile"]
+    ]
+    md = [
+        "# gradfree compress report",
+        "",
+        f"- inputs: {data['inputs']}",
+        f"- recipe: `{data['recipe']}`",
+        f"- layer map (student block -> teacher block): {sol.layer_map}",
+        f"- basis: {sol.bases.kind} ({'per layer' if sol.recipe.per_layer else 'global'})",
+        f"- merge: {data['merge']}",
+        f"- config changes: {sol.config_changes or 'none'}",
+        f"- largest RoPE log-frequency gap of the kept q/k pairs: {sol.rope_gap:.3g}",
+        "",
+        "## Merge profile and diagnostics per student block",
+        "",
+        _table(prof),
+        "",
+        "## Time and peak memory",
+        "",
+        clock.table() if clock else "",
+        "",
+    ]
+    if evaluation:
+        md += ["## Evaluation", "", "```", str(evaluation), "```", ""]
+    write_text_atomic(folder / "report.md", "\n".join(md))
+    return data
