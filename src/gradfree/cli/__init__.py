@@ -14,7 +14,20 @@ from gradfree import __version__
 from gradfree.errors import GradfreeError
 
 # Command modules, in the order `gradfree --help` lists them.
-COMMAND_MODULES = ["models", "data", "capture", "spectrum", "evaluate", "rotate", "compress", "align", "ablate", "ledger", "merge", "demo"]
+COMMAND_MODULES = [
+    "models",
+    "data",
+    "capture",
+    "spectrum",
+    "evaluate",
+    "rotate",
+    "compress",
+    "align",
+    "ablate",
+    "ledger",
+    "merge",
+    "demo",
+]
 
 
 def build_app() -> typer.Typer:
