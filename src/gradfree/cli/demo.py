@@ -12,7 +12,7 @@ def demo_command(
     teacher: str = typer.Option("qwen2.5-coder-1.5b-instruct", "--teacher", help="Teacher model."),
     student: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--student", help="Student model."),
     calibration_limit: int = typer.Option(
-        64, "--calibration-limit", min=1, help="Calibration documents to capture."
+        32, "--calibration-limit", min=1, help="Calibration documents to capture."
     ),
     public_limit: int = typer.Option(8, "--public-limit", min=1, help="Public-text documents."),
     max_length: int = typer.Option(256, "--max-length", min=8, help="Window length in tokens."),
