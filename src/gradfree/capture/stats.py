@@ -114,12 +114,15 @@ class MomentStats:
         self.sum.addmv_(x.T, ones)
         if self.full:
             _gram_add_(self.m2, x)
-        x2 = x * x
+        # One scratch buffer raised to the 2nd, 3rd and 4th power in place: the per-dimension
+        # moments are memory-bound, so passes and allocations are what they cost.
+        p = x * x
         if not self.full:
-            self.m2.addmv_(x2.T, ones)
-        self.m3.addmv_((x2 * x).T, ones)
-        self.m4.addmv_(x2.mul_(x2).T, ones)  # x2 is not needed after this
-        self.absmax = torch.maximum(self.absmax, torch.maximum(x.amax(0), -x.amin(0)))
+            self.m2.addmv_(p.T, ones)
+        self.m3.addmv_(p.mul_(x).T, ones)
+        self.m4.addmv_(p.mul_(x).T, ones)
+        lo, hi = torch.aminmax(x, dim=0)
+        torch.maximum(self.absmax, torch.maximum(hi, lo.neg_()), out=self.absmax)
         return self
 
     partial_fit = update
