@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gradfree.align.config import AblateConfig, AlignConfig
 from gradfree.demo import DemoConfig, run_demo
 from gradfree.errors import GradfreeError
 from gradfree.testing import save_tiny
@@ -29,14 +30,33 @@ def _cfg(pair: tuple[Path, Path]) -> DemoConfig:
         public_corpus="tourguide",
         public_limit=2,
         max_length=48,
+        ablation=AblateConfig(
+            align=AlignConfig(
+                limit=3,
+                max_length=32,
+                dump_max=64,
+                pattern_docs=1,
+                pattern_max_length=16,
+                ridge_head=True,
+                style_places=2,
+                style_tokens=4,
+            ),
+            variants=["base", "perm", "perm+rot", "style"],
+            heldout_limit=2,
+            questions=2,
+            max_new_tokens=3,
+            prompt_places=2,
+            prompt_tokens=4,
+        ),
     )
 
 
 def test_demo_writes_one_complete_folder(pair: tuple[Path, Path], tmp_path: Path) -> None:
     out = run_demo(_cfg(pair), tmp_path / "demo", say=lambda _: None)
     report = (out / "report.md").read_text()
-    for section in ("## Capture", "## Spectra", "## Evaluation", "## Time and memory"):
+    for section in ("## Capture", "## Spectra", "## Evaluation", "## Alignment ablation"):
         assert section in report
+    assert "## Time and memory" in report
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["teacher"] == str(pair[0])
     assert {r["stage"] for r in run["stages"]} >= {"paired capture (teacher + student)"}
@@ -46,6 +66,11 @@ def test_demo_writes_one_complete_folder(pair: tuple[Path, Path], tmp_path: Path
     # The student and teacher are different random models: KL must be positive and finite.
     assert ev["teacher"]["kl_mean"] > 0 and ev["teacher"]["teacher_ppl"] > 1
     assert not list(tmp_path.glob(".*partial*"))
+    ablation = json.loads((out / "ablation" / "ablation.json").read_text())
+    assert list(ablation["variants"]) == ["base", "perm", "perm+rot", "style"]
+    # Permutations and the global rotation change nothing the model computes: identical KL.
+    assert ablation["checks"]["perm"]["identical"] and ablation["checks"]["perm+rot"]["identical"]
+    assert run["ablation_run_id"] == ablation["run_id"]
 
 
 def test_demo_refuses_an_existing_output(pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -77,3 +77,17 @@ def test_shape_errors() -> None:
         CrossStats.empty(3, 2).update(torch.zeros(2, 3), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="no tokens"):
         MomentStats.empty(3).mean()
+
+
+@pytest.mark.parametrize("d", [5, 300, 700])
+def test_blocked_gram_equals_the_full_product(d: int) -> None:
+    from gradfree.capture.stats import gram_add_
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(64, d, generator=g, dtype=torch.float64)
+    m = torch.eye(d, dtype=torch.float64)
+    gram_add_(m, x)
+    torch.testing.assert_close(
+        m, torch.eye(d, dtype=torch.float64) + x.T @ x, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(m, m.T, rtol=0, atol=1e-12)  # lower blocks mirror the upper

@@ -4,8 +4,9 @@ Steps, each timed with its peak memory: fetch the Qwen2.5-Coder 1.5B (teacher) /
 pair and the texts; capture paired activation statistics on the tour-guide calibration split;
 compute activation and weight spectra; evaluate both models on the held-out tour-guide split
 (perplexity, KL to the teacher, top-1 agreement, per-layer CKA, place questions) and on one
-public text; write one folder with ``report.md``, the manifests and the resolved configuration.
-Later stages (compression, merging) extend this same command.
+public text; run the alignment ablation of seed 001 §16.2 (issue 5) on the same pair; write one
+folder with ``report.md``, the manifests and the resolved configuration. The compression stage
+(issue 4) is not part of it yet.
 """
 
 from __future__ import annotations
@@ -14,6 +15,37 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gradfree.align.config import AblateConfig, AlignConfig
+
+
+def _demo_ablation() -> AblateConfig:
+    """Seed 001's variant matrix sized for 2 CPU cores (as scripts/align_ablation.yaml)."""
+    return AblateConfig(
+        align=AlignConfig(
+            limit=24,
+            max_length=256,
+            batch_size=2,
+            dump_max=1024,
+            ridge_head=True,
+            style_places=8,
+            style_tokens=16,
+        ),
+        variants=[
+            "base",
+            "perm",
+            "perm+rot",
+            "perm+rot+style",
+            "style",
+            "perm+rot+householder",
+            "perm+rot(per-stage)",
+        ],
+        heldout_limit=6,
+        questions=16,
+        max_new_tokens=12,
+        prompt_places=6,
+        prompt_tokens=16,
+    )
 
 
 class DemoConfig(BaseModel):
@@ -34,8 +66,12 @@ class DemoConfig(BaseModel):
     max_length: Annotated[int, Field(ge=8)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 4
     questions: bool = True
+    # fewer than 24 cuts one correct teacher answer ("... fu il Vesuvio.", token 21+)
+    max_new_tokens: Annotated[int, Field(ge=1)] = 24
     # the SVD of a 151,936-row embedding/head is most of the weight-spectra time
     weight_embeddings: bool = False
+    # issue 5: the alignment ablation of seed 001 §16.2 on the same pair (None: skip it)
+    ablation: AblateConfig | None = Field(default_factory=_demo_ablation)
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -127,6 +163,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
                     teacher_tokenizer=teacher.tokenizer,
                     questions=qs,
                     system_prompt=system_prompt() if qs else None,
+                    max_new_tokens=cfg.max_new_tokens,
                     max_length=cfg.max_length,
                     stride=cfg.max_length // 2,
                     batch_size=cfg.batch_size,
@@ -142,6 +179,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
                         docs[:1],
                         questions=qs,
                         system_prompt=system_prompt(),
+                        max_new_tokens=cfg.max_new_tokens,
                         max_length=cfg.max_length,
                         stride=cfg.max_length // 2,
                         device=cfg.device,
@@ -149,6 +187,13 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
                     write_eval(tres, tmp / "eval" / "teacher-questions")
                 res["teacher_qa"] = tres["qa"]
             results[split_name] = res
+        ablation = None
+        if cfg.ablation is not None:
+            from gradfree.align import run_ablation
+
+            say(f"alignment ablation: {len(cfg.ablation.variants)} variants")
+            with watch.stage("alignment ablation (fit + teacher reference + variants)"):
+                ablation = run_ablation(teacher, student, cfg.ablation, tmp / "ablation", say=say)
         models = {
             "teacher": {"spec": cfg.teacher, **get_adapter(teacher.model).describe()},
             "student": {"spec": cfg.student, **get_adapter(student.model).describe()},
@@ -160,11 +205,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
             "models": models,
             "fingerprints": {"teacher": teacher.fingerprint, "student": student.fingerprint},
             "capture_run_id": cap.manifest.get("run_id"),
+            "ablation_run_id": ablation["run_id"] if ablation else None,
             "stages": watch.rows,
         }
         write_json_atomic(tmp / "config.json", cfg.model_dump())
         write_json_atomic(tmp / "run.json", record)
-        write_text_atomic(tmp / "report.md", _report(cfg, record, cap, spectra, results, watch))
+        write_text_atomic(
+            tmp / "report.md", _report(cfg, record, cap, spectra, results, watch, ablation)
+        )
     return out
 
 
@@ -175,6 +223,7 @@ def _report(
     spectra: dict[str, Any],
     results: dict[str, Any],
     watch: Any,
+    ablation: dict[str, Any] | None = None,
 ) -> str:
     from gradfree.spectrum_report import _seed002_rows
 
@@ -252,6 +301,16 @@ def _report(
     ]
     for row in res["layers"]:
         lines.append(f"| {row['student_layer']} | {row['teacher_layer']} | {_fmt(row['cka'])} |")
+    if ablation is not None:
+        from gradfree.align.report import render_ablation
+
+        page = render_ablation(ablation).splitlines()
+        lines += ["", "## " + page[0].removeprefix("# "), *page[1:]]
+        lines += [
+            "",
+            "Files: `ablation/ablation.md`, `ablation/ablation.json`, the ledger in "
+            "`ablation/rotations/`, the run manifest in `ablation/manifest.json`.",
+        ]
     lines += ["", "## Time and memory per stage", "", watch.table(), ""]
     return "\n".join(lines)
 

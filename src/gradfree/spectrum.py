@@ -315,6 +315,8 @@ def squared_singular_values(
     """
     import torch
 
+    from gradfree.capture.stats import gram_add_
+
     w = w.detach()
     if w.ndim != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(w.shape)}")
@@ -324,8 +326,7 @@ def squared_singular_values(
     long_side = w.shape[0] if tall else w.shape[1]
     for s in range(0, long_side, chunk):
         block = w[s : s + chunk] if tall else w[:, s : s + chunk].T
-        block = block.to(device=device, dtype=torch.float64)
-        gram += block.T @ block
+        gram_add_(gram, block.to(device=device, dtype=torch.float64))  # upper blocks only
     return psd_eigenvalues(gram, device=device)
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gradfree.configfile import read_yaml_mapping, validation_message
 from gradfree.errors import GradfreeError
 
 
@@ -103,34 +104,12 @@ class AblateConfig(BaseModel):
         return self
 
 
-def _message(e: ValidationError, what: str) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"Unknown {what} option '{where}'."
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    return f"Invalid {what} config: {where + ': ' if where else ''}{msg}."
-
-
 def load_config(kind: type[AlignConfig] | type[AblateConfig], path: Path | None, **kw: Any) -> Any:
     """A validated config from an optional YAML file and keyword overrides (None = unset)."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise GradfreeError(f"The config file {path} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise GradfreeError(
-                f"The config file {path} is not valid YAML ({e.__class__.__name__})."
-            ) from None
-        if not isinstance(loaded, dict):
-            raise GradfreeError(f"The config file {path} must hold a mapping of options.")
-        data = loaded
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     data.update({k: v for k, v in kw.items() if v is not None})
+    noun = "align" if kind is AlignConfig else "ablate"
     try:
         return kind(**data)
     except ValidationError as e:
-        raise GradfreeError(_message(e, "align" if kind is AlignConfig else "ablate")) from None
+        raise GradfreeError(validation_message(e, noun, invalid=f"{noun} config")) from None

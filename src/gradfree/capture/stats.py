@@ -30,7 +30,7 @@ _F64 = "float64"
 _GRAM_BLOCK = 256
 
 
-def _gram_add_(m: torch.Tensor, x: torch.Tensor) -> None:
+def gram_add_(m: torch.Tensor, x: torch.Tensor) -> None:
     """``m += xᵀx`` for a symmetric ``m``: only blocks on/above the diagonal are multiplied, each
     in place into a view of ``m``; the blocks below the diagonal are mirrored copies."""
     d = x.shape[1]
@@ -113,7 +113,7 @@ class MomentStats:
         ones = _ones(x)
         self.sum.addmv_(x.T, ones)
         if self.full:
-            _gram_add_(self.m2, x)
+            gram_add_(self.m2, x)
         # One scratch buffer raised to the 2nd, 3rd and 4th power in place: the per-dimension
         # moments are memory-bound, so passes and allocations are what they cost.
         p = x * x

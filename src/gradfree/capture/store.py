@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from gradfree.capture.sites import shard_of
 from gradfree.capture.stats import CrossStats, MomentStats
 from gradfree.errors import GradfreeError
-from gradfree.io import read_json, sha256_file
+from gradfree.io import as_created, read_json, sha256_file
 
 FORMAT = "gradfree.capture/1"
 PARTS = ("head", "body")
@@ -52,6 +52,7 @@ def save_shard(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        as_created(tmp, directory=False)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -17,6 +18,9 @@ def demo_command(
     public_limit: int = typer.Option(8, "--public-limit", min=1, help="Public-text documents."),
     max_length: int = typer.Option(256, "--max-length", min=8, help="Window length in tokens."),
     questions: bool = typer.Option(True, "--questions/--no-questions", help="Place questions."),
+    ablation: bool = typer.Option(
+        True, "--ablation/--no-ablation", help="Seed 001's alignment ablation on the same pair."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -24,7 +28,9 @@ def demo_command(
     """Fetch the default pair and texts, capture, analyse spectra, evaluate, write report.md."""
     from gradfree.demo import DemoConfig, run_demo
 
+    extra: dict[str, Any] = {} if ablation else {"ablation": None}
     cfg = DemoConfig(
+        **extra,
         teacher=teacher,
         student=student,
         calibration_limit=calibration_limit,

@@ -44,6 +44,27 @@ _OUT = typer.Option(..., "--out", help="Output checkpoint folder (must not exist
 _DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1...")
 _DTYPE = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out.")
+_DAMPING = typer.Option(0.01, "--damping", help="Relative damping of the moment (SliceGPT: 0.01).")
+_CHECK_CORPUS = typer.Option("tourguide", "--check-corpus", help="Text of the logits check.")
+_CHECK_SPLIT = typer.Option("heldout", "--check-split", help="Its split.")
+_CHECK_WINDOWS = typer.Option(2, "--check-windows", help="Windows in the logits check.")
+_CHECK_TOKENS = typer.Option(128, "--check-tokens", help="Tokens per window.")
+
+
+def _common(
+    check: tuple[str, str | None, int, int], damping: float, device: str, dtype: str
+) -> dict[str, object]:
+    """The options that both commands share, as the config keys they are recorded under."""
+    corpus, split, windows, tokens = check
+    return {
+        "damping": damping,
+        "check_corpus": corpus,
+        "check_split": split,
+        "check_windows": windows,
+        "check_tokens": tokens,
+        "device": device,
+        "dtype": dtype,
+    }
 
 
 def rotate(
@@ -55,11 +76,11 @@ def rotate(
     per_layer: bool = typer.Option(
         False, "--per-layer", help="Also measure per-layer bases with transitions (simulation)."
     ),
-    damping: float = typer.Option(0.01, "--damping", help="Relative damping of the moment."),
-    check_corpus: str = typer.Option("tourguide", "--check-corpus", help="Text of the check."),
-    check_split: str | None = typer.Option("heldout", "--check-split", help="Its split."),
-    check_windows: int = typer.Option(2, "--check-windows", help="Windows in the check."),
-    check_tokens: int = typer.Option(128, "--check-tokens", help="Tokens per window."),
+    damping: float = _DAMPING,
+    check_corpus: str = _CHECK_CORPUS,
+    check_split: str | None = _CHECK_SPLIT,
+    check_windows: int = _CHECK_WINDOWS,
+    check_tokens: int = _CHECK_TOKENS,
     device: str = _DEVICE,
     dtype: str = _DTYPE,
     overwrite: bool = _OVERWRITE,
@@ -74,13 +95,9 @@ def rotate(
             "random_seed": random_seed,
             "matrix": str(matrix) if matrix else None,
             "per_layer": per_layer,
-            "damping": damping,
-            "check_corpus": check_corpus,
-            "check_split": check_split,
-            "check_windows": check_windows,
-            "check_tokens": check_tokens,
-            "device": device,
-            "dtype": dtype,
+            **_common(
+                (check_corpus, check_split, check_windows, check_tokens), damping, device, dtype
+            ),
         },
         overwrite,
     )
@@ -98,7 +115,7 @@ def slice_command(
         False, "--recompute", help="Slice in stages, re-measuring through the sliced model."
     ),
     steps: int = typer.Option(2, "--steps", help="Stages with --recompute."),
-    damping: float = typer.Option(0.01, "--damping", help="Relative damping (SliceGPT: 0.01)."),
+    damping: float = _DAMPING,
     eval_corpus: str | None = typer.Option(
         None, "--eval-corpus", help="Held-out text (default: the calibration corpus)."
     ),
@@ -106,10 +123,10 @@ def slice_command(
     eval_limit: int | None = typer.Option(None, "--eval-limit", help="At most N documents."),
     max_length: int = typer.Option(512, "--max-length", help="Window length in tokens."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per batch."),
-    check_corpus: str = typer.Option("tourguide", "--check-corpus", help="Text of the check."),
-    check_split: str | None = typer.Option("heldout", "--check-split", help="Its split."),
-    check_windows: int = typer.Option(2, "--check-windows", help="Windows in the logits check."),
-    check_tokens: int = typer.Option(128, "--check-tokens", help="Tokens per window."),
+    check_corpus: str = _CHECK_CORPUS,
+    check_split: str | None = _CHECK_SPLIT,
+    check_windows: int = _CHECK_WINDOWS,
+    check_tokens: int = _CHECK_TOKENS,
     device: str = _DEVICE,
     dtype: str = _DTYPE,
     overwrite: bool = _OVERWRITE,
@@ -127,18 +144,14 @@ def slice_command(
             "capture": str(capture) if capture else None,
             "recompute": recompute,
             "steps": steps,
-            "damping": damping,
             "eval_corpus": eval_corpus,
             "eval_split": eval_split,
             "eval_limit": eval_limit,
             "max_length": max_length,
             "batch_size": batch_size,
-            "check_corpus": check_corpus,
-            "check_split": check_split,
-            "check_windows": check_windows,
-            "check_tokens": check_tokens,
-            "device": device,
-            "dtype": dtype,
+            **_common(
+                (check_corpus, check_split, check_windows, check_tokens), damping, device, dtype
+            ),
         },
         overwrite,
     )

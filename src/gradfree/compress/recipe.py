@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from gradfree.configfile import read_yaml_mapping, validation_message
 from gradfree.errors import GradfreeError
 
 Basis = Literal["svd", "two_tier", "joint", "identity"]
@@ -90,17 +91,6 @@ class CompressRecipe(BaseModel):
         return self
 
 
-def _message(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"Unknown recipe option '{where}'."
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] != "value_error" and where:
-        msg = f"{where}: {msg}"
-    return f"Invalid recipe: {msg[:1].lower()}{msg[1:]}."
-
-
 def make_recipe(value: CompressRecipe | dict[str, Any] | None = None, **kw: Any) -> CompressRecipe:
     """A validated recipe from a recipe, a dict and/or keywords (keywords win)."""
     data: dict[str, Any] = {}
@@ -112,22 +102,10 @@ def make_recipe(value: CompressRecipe | dict[str, Any] | None = None, **kw: Any)
     try:
         return CompressRecipe(**data)
     except ValidationError as e:
-        raise GradfreeError(_message(e)) from None
+        raise GradfreeError(validation_message(e, "recipe")) from None
 
 
 def load_recipe(path: str | Path, **overrides: Any) -> CompressRecipe:
     """Read a YAML recipe (a mapping of recipe options); ``overrides`` win over the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise GradfreeError(f"The recipe file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise GradfreeError(
-            f"The recipe file {path} is not valid YAML ({type(e).__name__})."
-        ) from e
-    if not isinstance(data, dict):
-        raise GradfreeError(f"The recipe file {path} must hold a mapping of recipe options.")
+    data = read_yaml_mapping(path, "recipe file")
     return make_recipe(data, **overrides)

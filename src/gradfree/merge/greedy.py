@@ -44,7 +44,7 @@ class GreedySoup(TensorwiseMethod):
     def prepare(self, ctx: MergeContext) -> None:
         import torch
 
-        from gradfree.evaluate import evaluate
+        from gradfree.merge.recipe import measure
         from gradfree.models import load_model
 
         spec = ctx.recipe.selection
@@ -67,19 +67,8 @@ class GreedySoup(TensorwiseMethod):
                 for n, p in params.items():
                     xs = [ctx.sources[i].get(n).to(p.device, torch.float64) for i in key]
                     p.copy_(linear_combination(xs, [1.0] * len(xs)).to(p.dtype))
-            r = evaluate(
-                work.model,
-                work.tokenizer,
-                docs,
-                teacher=None if teacher is None else teacher.model,
-                teacher_tokenizer=None if teacher is None else teacher.tokenizer,
-                max_length=spec.max_length,
-                stride=spec.stride or spec.max_length,
-                batch_size=spec.batch_size,
-                device=ctx.device,
-                compare_layers=[0],
-            )
-            value = float(r["perplexity"]["ppl"] if teacher is None else r["teacher"]["kl_mean"])
+            r = measure(work.model, work.tokenizer, docs, spec, teacher, ctx.device)
+            value = float(r["ppl"] if teacher is None else r["kl_mean"])
             cache[key] = value
             ctx.say(
                 f"greedy soup: {spec.metric} of {[ctx.models[i].label for i in key]}: {value:.4f}"

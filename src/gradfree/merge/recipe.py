@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from gradfree.configfile import read_yaml_mapping, validation_message
 from gradfree.errors import GradfreeError
 
 
@@ -86,6 +87,32 @@ class EvalSpec(_Strict):
         return self
 
 
+def measure(
+    model: Any, tokenizer: Any, docs: Any, spec: EvalSpec, teacher: Any, device: str
+) -> dict[str, Any]:
+    """``spec``'s measurement of a model on ``docs``: perplexity, and with a teacher (a loaded
+    model) KL(teacher ‖ model) and top-1 agreement."""
+    from gradfree.evaluate import evaluate
+
+    r = evaluate(
+        model,
+        tokenizer,
+        docs,
+        teacher=None if teacher is None else teacher.model,
+        teacher_tokenizer=None if teacher is None else teacher.tokenizer,
+        max_length=spec.max_length,
+        stride=spec.stride or spec.max_length,
+        batch_size=spec.batch_size,
+        device=device,
+        compare_layers=[0],
+    )
+    out = {"ppl": r["perplexity"]["ppl"], "tokens": r["perplexity"]["tokens"]}
+    if r["teacher"]:
+        out["kl_mean"] = r["teacher"]["kl_mean"]
+        out["top1_agreement"] = r["teacher"]["top1_agreement"]
+    return out
+
+
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
 
@@ -122,19 +149,6 @@ class MergeRecipe(_Strict):
         return self
 
 
-def _message(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"Unknown recipe field '{where}'."
-    if err["type"] == "missing":
-        return f"The recipe is missing the field '{where}'."
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] != "value_error" and where:
-        msg = f"{where}: {msg}"
-    return f"Invalid merge recipe: {msg[:1].lower()}{msg[1:]}."
-
-
 def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:
     """A validated :class:`MergeRecipe` from a recipe or a plain dict (one-sentence errors)."""
     if isinstance(value, MergeRecipe):
@@ -144,20 +158,12 @@ def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:
     try:
         return MergeRecipe(**value)
     except ValidationError as e:
-        raise GradfreeError(_message(e)) from None
+        raise GradfreeError(validation_message(e, "recipe", "field", "merge recipe")) from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
     """Read and validate a YAML recipe file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise GradfreeError(f"The recipe file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise GradfreeError(f"The recipe {path} is not valid YAML ({e.__class__.__name__}).") from e
+    data = read_yaml_mapping(path, "recipe file")
     return make_recipe(data)
 
 
@@ -175,5 +181,6 @@ __all__ = [
     "ModelEntry",
     "load_recipe",
     "make_recipe",
+    "measure",
     "recipe_yaml",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 from gradfree.errors import GradfreeError
 from gradfree.merge.context import InputModel, MergeContext
-from gradfree.merge.recipe import EvalSpec, MergeRecipe, make_recipe, recipe_yaml
+from gradfree.merge.recipe import EvalSpec, MergeRecipe, make_recipe, measure, recipe_yaml
 from gradfree.merge.registry import MergeMethod, get_method
 from gradfree.merge.tensors import ShardWriter, check_same_shapes, open_sources
 
@@ -102,29 +102,12 @@ def _distance_sums(out: Any, xs: list[Any]) -> list[tuple[float, float]]:
 
 def _evaluate(folder: Path, spec: EvalSpec, device: str, dtype: str) -> dict[str, Any]:
     from gradfree.corpora import load_corpus
-    from gradfree.evaluate import evaluate
     from gradfree.models import load_model
 
     docs = load_corpus(spec.corpus, split=spec.split, limit=spec.limit)
     loaded = load_model(str(folder), device=device, dtype=dtype)
     teacher = load_model(spec.teacher, device=device, dtype=dtype) if spec.teacher else None
-    r = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        docs,
-        teacher=None if teacher is None else teacher.model,
-        teacher_tokenizer=None if teacher is None else teacher.tokenizer,
-        max_length=spec.max_length,
-        stride=spec.stride or spec.max_length,
-        batch_size=spec.batch_size,
-        device=device,
-        compare_layers=[0],
-    )
-    out = {"ppl": r["perplexity"]["ppl"], "tokens": r["perplexity"]["tokens"]}
-    if r["teacher"]:
-        out["kl_mean"] = r["teacher"]["kl_mean"]
-        out["top1_agreement"] = r["teacher"]["top1_agreement"]
-    return out
+    return measure(loaded.model, loaded.tokenizer, docs, spec, teacher, device)
 
 
 def merge(
