@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/demo
+DEMO_ARGS ?=
 
 .PHONY: install test lint typecheck unit slow demo bench clean
 
@@ -32,7 +33,7 @@ slow: install
 	$(VENV)/bin/pytest -m slow -q
 
 demo: install
-	$(VENV)/bin/gradfree demo --out $(OUT) --overwrite
+	$(VENV)/bin/gradfree demo --out $(OUT) --overwrite $(DEMO_ARGS)
 
 bench: install
 	$(PY) scripts/bench_capture.py

@@ -1,4 +1,8 @@
-"""Shared pytest fixtures: a private GRADFREE_CACHE per test session and fixed seeds."""
+"""Shared pytest fixtures: fixed seeds.
+
+Tests that write to a cache give themselves a private GRADFREE_CACHE (monkeypatch); the slow
+tests read the user's cache to find the fetched real models and skip when they are missing.
+"""
 
 from __future__ import annotations
 

@@ -254,6 +254,11 @@ def test_batched_answers_equal_one_at_a_time(tok) -> None:
     one = answer_questions(model, tok, qs, "Answer briefly.", max_new_tokens=5, batch_size=1)
     batched = answer_questions(model, tok, qs, "Answer briefly.", max_new_tokens=5, batch_size=3)
     assert [it["generated"] for it in batched["items"]] == [it["generated"] for it in one["items"]]
+    # The shared system-prompt prefix, run once and its cache reused, changes no answer either.
+    full = answer_questions(
+        model, tok, qs, "Answer briefly.", max_new_tokens=5, batch_size=3, share_prefix=False
+    )
+    assert [it["generated"] for it in full["items"]] == [it["generated"] for it in one["items"]]
     assert tok.padding_side == "right"  # restored after generation
 
 

@@ -8,10 +8,30 @@ command runs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from gradfree.errors import GradfreeError
+
+
+def _load_pair(
+    teacher: str, student: str, device: str, dtype: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Both models, refused unless they share one vocabulary; and their input record."""
+    from gradfree.models import load_model
+
+    t = load_model(teacher, device=device, dtype=dtype)
+    s = load_model(student, device=device, dtype=dtype)
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise GradfreeError("The teacher and the student must share one tokenizer vocabulary.")
+    inputs: dict[str, Any] = {
+        "teacher": {"spec": teacher, "fingerprint": t.fingerprint},
+        "student": {"spec": student, "fingerprint": s.fingerprint},
+        "device": device,
+        "dtype": dtype,
+    }
+    return t, s, inputs
 
 
 def compress(
@@ -39,24 +59,14 @@ def compress(
     from gradfree.compress import load_recipe, make_recipe
     from gradfree.corpora import corpus_manifest, load_corpus
     from gradfree.io import check_new_output
-    from gradfree.models import load_model
 
     overrides = {"basis": basis, "merge": merge, "alpha": alpha, "max_length": max_length}
     rec = load_recipe(recipe, **overrides) if recipe else make_recipe(None, **overrides)
     check_new_output(out, overwrite)  # fail before loading anything
     docs = load_corpus(corpus, split=split, limit=limit)
     manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    t = load_model(teacher, device=device, dtype=dtype)
-    s = load_model(student, device=device, dtype=dtype)
-    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-        raise GradfreeError("The teacher and the student must share one tokenizer vocabulary.")
-    inputs = {
-        "teacher": {"spec": teacher, "fingerprint": t.fingerprint},
-        "student": {"spec": student, "fingerprint": s.fingerprint},
-        "corpus": manifest,
-        "device": device,
-        "dtype": dtype,
-    }
+    t, s, inputs = _load_pair(teacher, student, device, dtype)
+    inputs["corpus"] = manifest
     sol, path = run(
         t,
         s,
@@ -82,5 +92,67 @@ def compress(
     typer.echo(str(path))
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GradfreeError(f"--{what} must be a comma-separated list of numbers.") from None
+    if not values:
+        raise GradfreeError(f"--{what} needs at least one value.")
+    return values
+
+
+def distill_head(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model (name, folder or file)."),
+    student: str = typer.Option(..., "--student", help="Student model; only its head changes."),
+    out: Path = typer.Option(..., "--out", help="Output folder (checkpoint + report)."),
+    corpus: str = typer.Option("tourguide", "--corpus", help="Corpus of fit and validation."),
+    split: str | None = typer.Option("calibration", "--split", help="Its split."),
+    fit: int = typer.Option(32, "--fit", min=1, help="First N documents: the ridge fit."),
+    val: int = typer.Option(12, "--val", min=1, help="Next M documents: choose λ and blend."),
+    lambdas: str = typer.Option("0.1,1,10", "--lambdas", help="Relative ridge λ candidates."),
+    blends: str = typer.Option("0.25,0.5,0.75,1", "--blends", help="Blend β candidates."),
+    max_length: int = typer.Option(256, "--max-length", min=2, help="Window length in tokens."),
+    device: str = typer.Option("cpu", "--device", help="Device of the models."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Distil the teacher's logits into the student's LM head (ridge + blend, chosen by KL)."""
+    from gradfree.compress.head import distill_head as run
+    from gradfree.corpora import load_corpus
+    from gradfree.io import check_new_output
+
+    lam, beta = _floats(lambdas, "lambdas"), _floats(blends, "blends")
+    if any(b <= 0 or b > 1 for b in beta) or any(v <= 0 for v in lam):
+        raise GradfreeError("Blends must lie in (0, 1] and λ values must be positive.")
+    check_new_output(out, overwrite)
+    docs = load_corpus(corpus, split=split)
+    if len(docs) < fit + val:
+        raise GradfreeError(
+            f"The corpus has {len(docs)} documents; --fit {fit} and --val {val} need {fit + val}."
+        )
+    t, s, inputs = _load_pair(teacher, student, device, dtype)
+    inputs.update(corpus=corpus, split=split)
+    choice = run(
+        t,
+        s,
+        docs[:fit],
+        docs[fit : fit + val],
+        out,
+        lambdas=lam,
+        blends=beta,
+        max_length=max_length,
+        overwrite=overwrite,
+        inputs=inputs,
+    )
+    typer.echo(
+        f"validation KL {choice.student['kl']:.4f} -> {choice.chosen['kl']:.4f} "
+        f"(lambda {choice.lam}, blend {choice.blend})",
+        err=True,
+    )
+    typer.echo(str(out))
+
+
 def register(app: typer.Typer) -> None:
     app.command("compress")(compress)
+    app.command("distill-head")(distill_head)

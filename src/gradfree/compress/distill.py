@@ -91,21 +91,7 @@ def ridge_head_(
     X_S regressed onto the teacher's exact logits (no basis involved), from E[x_S x_Sᵀ] and the
     cross-moment E[x_S x_Tᵀ]; solved in row chunks (151,936 rows) by
     :func:`gradfree.solvers.ridge_from_stats_chunked`."""
-    from gradfree.solvers import ridge_from_stats_chunked
+    from gradfree.compress.head import ridge_head
 
-    m, s, t = get_adapter(model), get_adapter(student), get_adapter(teacher)
-    xtx = cap.stats("student", "final.normed").second_moment()
-    cr = cap.cross("final.normed", "final.normed")
-    c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
-    h_t, h_s = param(t.lm_head), param(s.lm_head)
-
-    def xty(a: int, b: int) -> torch.Tensor:
-        return c_st @ f64(h_t[a:b]).T
-
-    def prior(a: int, b: int) -> torch.Tensor:
-        return f64(h_s[a:b])
-
-    head = ridge_from_stats_chunked(
-        xtx, xty, h_s.shape[0], prior=prior, rel_lam=lam, dtype=param(m.lm_head).dtype
-    )
-    assign_(m.lm_head, "weight", head)
+    target = get_adapter(model).lm_head
+    assign_(target, "weight", ridge_head(student, teacher, cap, lam, dtype=param(target).dtype))

@@ -1,0 +1,102 @@
+"""The LM-head distillation chosen on validation KL: it keeps the student's head when nothing
+beats it, and recovers a planted teacher head when the bodies agree."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradfree.capture import Subject, run_capture
+from gradfree.compress.head import apply_head_, head_scores, select_ridge_head, validation_set
+from gradfree.surgery import untie_
+from gradfree.testing import tiny_model, tiny_tokenizer
+
+FIT = [
+    f"Stop {i}: the harbour is {i * 7} steps from the old square, past the tower. " * 2
+    for i in range(8)
+]
+VAL = [
+    f"Walk {i}: from the tower take the lane {i * 3} metres to the market hall." for i in range(4)
+]
+
+
+def _capture(teacher: torch.nn.Module, student: torch.nn.Module, path: Path) -> object:
+    tok = tiny_tokenizer()
+    return run_capture(
+        {"teacher": Subject(teacher, tok), "student": Subject(student, tok)},
+        FIT,
+        path,
+        {"sites": ["final.normed"], "max_length": 64, "batch_size": 4},
+        progress=False,
+    )
+
+
+def test_the_students_own_head_is_kept_when_nothing_beats_it(tmp_path: Path) -> None:
+    student = tiny_model("qwen2", seed=0)
+    teacher = copy.deepcopy(student)  # KL 0: no blend can be better than the student's head
+    cap = _capture(teacher, student, tmp_path / "cap")
+    val = validation_set(student, teacher, tiny_tokenizer(), VAL, max_length=64)
+    choice = select_ridge_head(student, teacher, cap, val, lambdas=(1e-3, 1.0))
+    assert choice.head is None and choice.blend == 0.0 and choice.lam is None
+    assert choice.student["kl"] < 1e-9 and len(choice.candidates) == 8
+
+
+def test_a_planted_teacher_head_is_recovered_and_applied(tmp_path: Path) -> None:
+    student = tiny_model("qwen2", seed=0)
+    teacher = copy.deepcopy(student)
+    untie_(teacher)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        w = teacher.lm_head.weight
+        w.add_(0.5 * torch.randn(w.shape, generator=g) * w.std())
+    cap = _capture(teacher, student, tmp_path / "cap")
+    val = validation_set(student, teacher, tiny_tokenizer(), VAL, max_length=64)
+    choice = select_ridge_head(student, teacher, cap, val, lambdas=(1e-6, 1.0), blends=(0.5, 1.0))
+    assert choice.head is not None and (choice.lam, choice.blend) == (1e-6, 1.0)
+    assert choice.chosen["kl"] < 0.01 * choice.student["kl"]
+    model = copy.deepcopy(student)
+    apply_head_(model, choice.head)
+    assert head_scores(val, model.lm_head.weight)["kl"] == choice.chosen["kl"]
+    ids = torch.tensor([tiny_tokenizer()(VAL[0])["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, teacher(ids).logits, atol=1e-3)
+        assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+
+
+def test_distill_head_command_writes_a_plain_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from gradfree.cli import main
+    from gradfree.testing import save_tiny
+
+    teacher = save_tiny(tmp_path / "t", "qwen2", seed=1, hidden_size=48, num_attention_heads=4)
+    student = save_tiny(tmp_path / "s", "qwen2", seed=2)
+    out = tmp_path / "out"
+    args = ["distill-head", "--teacher", str(teacher), "--student", str(student), "--out", str(out)]
+    small = ["--fit", "4", "--val", "2", "--max-length", "32", "--lambdas", "1,10"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--fit", "100000"])
+    assert e.value.code == 2 and "documents" in capsys.readouterr().err
+    try:
+        main([*args, *small])
+    except SystemExit as e2:
+        assert not e2.code
+    record = json.loads((out / "head.json").read_text())
+    assert record["validation_chosen"]["kl"] <= record["validation_student"]["kl"]
+    assert (
+        len(record["candidates"]) == 8 and "## Time and memory" in (out / "report.md").read_text()
+    )
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert (
+        back.config.hidden_size
+        == AutoModelForCausalLM.from_pretrained(student).config.hidden_size
+        != 48
+    )
+    with pytest.raises(SystemExit):
+        main([*args, *small])  # an existing output is never overwritten silently
