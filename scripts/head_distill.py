@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,13 +52,12 @@ def _bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], seed: int =
 
 
 def main() -> None:
-    from gradfree.capture import run_capture
-    from gradfree.compress.head import apply_head_, select_ridge_head, validation_set
+    from gradfree.compress.head import apply_head_, fit_head, validation_set
     from gradfree.compress.report import save_checkpoint
     from gradfree.corpora import load_corpus
     from gradfree.io import check_new_output
     from gradfree.models import load_model
-    from gradfree.provenance import machine, versions
+    from gradfree.provenance import Stopwatch, machine, versions
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="qwen2.5-coder-1.5b-instruct")
@@ -78,37 +76,29 @@ def main() -> None:
         check_new_output(args.save)  # refuse an existing folder before any work
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    times: dict[str, float] = {}
     teacher, student = load_model(args.teacher), load_model(args.student)
     cal = load_corpus("tourguide", split="calibration")
     fit, val_docs = cal[: args.fit], cal[args.fit : args.fit + args.val]
     held = load_corpus("tourguide", split="heldout")[: args.heldout]
     news = load_corpus("news", split="heldout")[: args.news]
-    with tempfile.TemporaryDirectory(prefix="gradfree-head-") as tmp:
-        cap = run_capture(
-            {"teacher": teacher, "student": student},
-            fit,
-            Path(tmp) / "cap",
-            {"sites": ["final.normed"], "max_length": args.max_length, "batch_size": 4},
-            progress=False,
-        )
-        times["paired capture (final.normed)"] = time.perf_counter() - t0
+    clock = Stopwatch()
+    choice = fit_head(
+        teacher,
+        student,
+        fit,
+        val_docs,
+        lambdas=[float(x) for x in args.lambdas.split(",")],
+        blends=[float(x) for x in args.blends.split(",")],
+        max_length=args.max_length,
+        clock=clock,
+    )
+    with clock.stage("held-out and news features"):
         sets = {
             name: validation_set(
                 student.model, teacher.model, student.tokenizer, docs, args.max_length
             )
-            for name, docs in (("val", val_docs), ("heldout", held), ("news", news))
+            for name, docs in (("heldout", held), ("news", news))
         }
-        times["validation/test features"] = time.perf_counter() - t0 - sum(times.values())
-        choice = select_ridge_head(
-            student.model,
-            teacher.model,
-            cap,
-            sets["val"],
-            [float(x) for x in args.lambdas.split(",")],
-            [float(x) for x in args.blends.split(",")],
-        )
-        times["ridge fits + selection"] = time.perf_counter() - t0 - sum(times.values())
     h_s = student.model.lm_head.weight.detach()
     head = choice.head if choice.head is not None else h_s
     result: dict[str, Any] = {"choice": choice.describe(), "sets": {}}
@@ -122,7 +112,7 @@ def main() -> None:
         }
     result.update(
         args=vars(args),
-        seconds=times,
+        seconds={r["stage"]: r["seconds"] for r in clock.rows},
         total_seconds=time.perf_counter() - t0,
         machine=machine(),
         versions=versions(),

@@ -178,6 +178,45 @@ def apply_head_(model: nn.Module, head: torch.Tensor) -> None:
     assign_(get_adapter(model).lm_head, "weight", head)
 
 
+def fit_head(
+    teacher: Any,
+    student: Any,
+    fit_docs: Sequence[Any],
+    val_docs: Sequence[Any],
+    *,
+    lambdas: Sequence[float] = (0.1, 1.0, 10.0),
+    blends: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    max_length: int = 256,
+    batch_size: int = 4,
+    clock: Any = None,
+) -> HeadChoice:
+    """Capture ``final.normed`` of both loaded models on ``fit_docs``, then choose the head on
+    ``val_docs`` (:func:`select_ridge_head`); stages are timed on ``clock`` when given."""
+    import contextlib
+    import tempfile
+
+    from gradfree.capture import run_capture
+
+    def stage(name: str) -> Any:
+        return clock.stage(name) if clock is not None else contextlib.nullcontext()
+
+    with tempfile.TemporaryDirectory(prefix="gradfree-head-") as work:
+        with stage("paired capture (final.normed)"):
+            cap = run_capture(
+                {"teacher": teacher, "student": student},
+                fit_docs,
+                Path(work) / "cap",
+                {"sites": ["final.normed"], "max_length": max_length, "batch_size": batch_size},
+                progress=False,
+            )
+        with stage("validation features (both models)"):
+            val = validation_set(
+                student.model, teacher.model, student.tokenizer, val_docs, max_length
+            )
+        with stage("ridge heads + choice"):
+            return select_ridge_head(student.model, teacher.model, cap, val, lambdas, blends)
+
+
 def distill_head(
     teacher: Any,
     student: Any,
@@ -192,11 +231,8 @@ def distill_head(
     overwrite: bool = False,
     inputs: dict[str, Any] | None = None,
 ) -> HeadChoice:
-    """Fit and choose the head, then write ``out``: the student with the chosen head as a plain
+    """:func:`fit_head`, then write ``out``: the student with the chosen head as a plain
     checkpoint (unchanged when its own head was best), ``head.json`` and ``report.md``."""
-    import tempfile
-
-    from gradfree.capture import run_capture
     from gradfree.compress.report import save_checkpoint
     from gradfree.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
     from gradfree.provenance import Stopwatch, machine, versions
@@ -204,21 +240,17 @@ def distill_head(
     check_new_output(out, overwrite)
     clock = Stopwatch()
     with atomic_dir(out, overwrite) as tmp:
-        with tempfile.TemporaryDirectory(prefix="gradfree-head-") as work:
-            with clock.stage("paired capture (final.normed)"):
-                cap = run_capture(
-                    {"teacher": teacher, "student": student},
-                    fit_docs,
-                    Path(work) / "cap",
-                    {"sites": ["final.normed"], "max_length": max_length, "batch_size": batch_size},
-                    progress=False,
-                )
-            with clock.stage("validation features (both models)"):
-                val = validation_set(
-                    student.model, teacher.model, student.tokenizer, val_docs, max_length
-                )
-            with clock.stage("ridge heads + choice"):
-                choice = select_ridge_head(student.model, teacher.model, cap, val, lambdas, blends)
+        choice = fit_head(
+            teacher,
+            student,
+            fit_docs,
+            val_docs,
+            lambdas=lambdas,
+            blends=blends,
+            max_length=max_length,
+            batch_size=batch_size,
+            clock=clock,
+        )
         with clock.stage("write checkpoint"):
             if choice.head is not None:
                 apply_head_(student.model, choice.head)
