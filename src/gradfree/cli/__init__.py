@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "evaluate",
     "rotate",
     "compress",
+    "experiment",
     "align",
     "ablate",
     "ledger",

@@ -8,30 +8,11 @@ command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from gradfree.errors import GradfreeError
-
-
-def _load_pair(
-    teacher: str, student: str, device: str, dtype: str
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Both models, refused unless they share one vocabulary; and their input record."""
-    from gradfree.models import load_model
-
-    t = load_model(teacher, device=device, dtype=dtype)
-    s = load_model(student, device=device, dtype=dtype)
-    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
-        raise GradfreeError("The teacher and the student must share one tokenizer vocabulary.")
-    inputs: dict[str, Any] = {
-        "teacher": {"spec": teacher, "fingerprint": t.fingerprint},
-        "student": {"spec": student, "fingerprint": s.fingerprint},
-        "device": device,
-        "dtype": dtype,
-    }
-    return t, s, inputs
+from gradfree.models import load_pair
 
 
 def compress(
@@ -65,7 +46,7 @@ def compress(
     check_new_output(out, overwrite)  # fail before loading anything
     docs = load_corpus(corpus, split=split, limit=limit)
     manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    t, s, inputs = _load_pair(teacher, student, device, dtype)
+    t, s, inputs = load_pair(teacher, student, device, dtype)
     inputs["corpus"] = manifest
     sol, path = run(
         t,
@@ -131,7 +112,7 @@ def distill_head(
         raise GradfreeError(
             f"The corpus has {len(docs)} documents; --fit {fit} and --val {val} need {fit + val}."
         )
-    t, s, inputs = _load_pair(teacher, student, device, dtype)
+    t, s, inputs = load_pair(teacher, student, device, dtype)
     inputs.update(corpus=corpus, split=split)
     choice = run(
         t,

@@ -33,6 +33,7 @@ from gradfree.adapters import ModelAdapter, get_adapter
 from gradfree.capture import Capture
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
+from gradfree.errors import GradfreeError
 from gradfree.numerics import f64
 from gradfree.surgery.edit import assign_, maybe_param, param
 
@@ -181,6 +182,21 @@ def alignment_plan(
 def uniform_plan(n_layers: int, n_groups: int, alpha: float, mode: str = "uniform") -> MergePlan:
     return MergePlan(
         mode, [[alpha] * n_groups for _ in range(n_layers)], [alpha] * n_layers, alpha, alpha
+    )
+
+
+def restrict_plan(plan: MergePlan, layers: Sequence[int]) -> MergePlan:
+    """The plan with α = 0 (the student's weights) outside ``layers``, embedding and head too."""
+    keep = set(layers)
+    if any(j >= len(plan.mlp) for j in keep):
+        raise GradfreeError(f"merge_layers names a block past the student's {len(plan.mlp)}.")
+    return MergePlan(
+        plan.mode,
+        [row if j in keep else [0.0] * len(row) for j, row in enumerate(plan.attn)],
+        [a if j in keep else 0.0 for j, a in enumerate(plan.mlp)],
+        0.0,
+        0.0,
+        plan.certainty,
     )
 
 

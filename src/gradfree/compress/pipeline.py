@@ -38,11 +38,12 @@ from gradfree.compress.merge import (
     alignment_plan,
     merge_models,
     optimal_plan,
+    restrict_plan,
     uniform_plan,
 )
 from gradfree.compress.mlp import MlpPlan, plan_mlp
 from gradfree.compress.project import project_teacher
-from gradfree.compress.recipe import CompressRecipe, make_recipe
+from gradfree.compress.recipe import PROJECTION_FIELDS, CompressRecipe, make_recipe
 from gradfree.errors import GradfreeError
 from gradfree.layermap import resolve_map
 from gradfree.provenance import Stopwatch
@@ -202,10 +203,12 @@ def project(
     recipe: CompressRecipe | dict[str, Any] | None = None,
     *,
     config_changes: Sequence[str] = (),
+    bases: BasisSet | None = None,
 ) -> Solution:
     """Bases, head/neuron plans and the projected teacher (α = 1), from one capture.
 
-    Both models must already be folded (:func:`fold_pair_`) and be the ones captured.
+    Both models must already be folded (:func:`fold_pair_`) and be the ones captured. ``bases``
+    replaces the recipe's solved bases (e.g. a geodesic blend of two tasks' bases).
     """
     recipe = make_recipe(recipe)
     t, s = get_adapter(teacher), get_adapter(student)
@@ -215,7 +218,7 @@ def project(
         raise GradfreeError("The capture is not a paired capture of this student.")
     if isinstance(recipe.layer_map, list) and list(recipe.layer_map) != list(layer_map):
         raise GradfreeError("The recipe's layer map differs from the capture's; recapture.")
-    bases = residual_bases(
+    bases = bases or residual_bases(
         cap,
         s.num_layers,
         layer_map,
@@ -260,20 +263,6 @@ def project(
     )
 
 
-_PROJECTION_FIELDS = (
-    "layer_map",
-    "basis",
-    "trunk_fraction",
-    "align",
-    "per_layer",
-    "basis_stats",
-    "head_select",
-    "head_match",
-    "value_align",
-    "mlp_match",
-)
-
-
 def merge(
     projection: Solution,
     teacher: nn.Module,
@@ -287,7 +276,7 @@ def merge(
     one projection serves every merge variant.
     """
     recipe = make_recipe(recipe)
-    for f in _PROJECTION_FIELDS:
+    for f in PROJECTION_FIELDS:
         if getattr(recipe, f) != getattr(projection.recipe, f):
             raise GradfreeError(f"The recipe's {f} differs from the projection's; project again.")
     sol = copy.copy(projection)
@@ -298,6 +287,11 @@ def merge(
     c = math.sqrt(t.hidden_size / s.hidden_size)
     n_groups = s.geometry.num_kv_heads
     attn, projected = projection.attention, projection.projected
+    if recipe.merge == "measured":
+        raise GradfreeError(
+            "The 'measured' merge chooses α on validation texts: run it with `gradfree "
+            "experiment`, or give a uniform α."
+        )
     if recipe.merge == "uniform":
         plan = uniform_plan(s.num_layers, n_groups, recipe.alpha)
     elif recipe.merge == "alignment":
@@ -315,6 +309,8 @@ def merge(
         plan.mode = recipe.merge
     if recipe.alpha_embed is not None:
         plan.embed = recipe.alpha_embed
+    if recipe.merge_layers is not None:
+        plan = restrict_plan(plan, recipe.merge_layers)
     model = merge_models(student, projected, plan, attn)
     if recipe.merge == "ridge":
         ridge_readers_(

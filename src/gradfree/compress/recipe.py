@@ -16,7 +16,21 @@ from gradfree.configfile import read_yaml_mapping, validation_message
 from gradfree.errors import GradfreeError
 
 Basis = Literal["svd", "two_tier", "joint", "identity"]
-Merge = Literal["none", "uniform", "alignment", "optimal", "ridge"]
+Merge = Literal["none", "uniform", "alignment", "optimal", "ridge", "measured"]
+
+# The fields that decide the projection (bases, head and neuron plans); the others only the merge.
+PROJECTION_FIELDS = (
+    "layer_map",
+    "basis",
+    "trunk_fraction",
+    "align",
+    "per_layer",
+    "basis_stats",
+    "head_select",
+    "head_match",
+    "value_align",
+    "mlp_match",
+)
 
 
 class CompressRecipe(BaseModel):
@@ -36,7 +50,11 @@ class CompressRecipe(BaseModel):
       (α = ``alpha`` · alignment cosine, 0 below ``alignment_threshold``), "optimal" (closed-form α
       per block and KV group from the captured statistics), "ridge" (closed-form layer-wise
       distillation of every reader linear toward the teacher, ridge ``ridge_lambda`` toward the
-      student's weights).
+      student's weights). "measured" = "uniform" with α chosen from ``alpha_grid`` (0, the
+      student, always included) by the measured KL(teacher ‖ model) on validation texts: it
+      needs a validation set, which ``gradfree experiment`` provides.
+    * ``merge_layers``: when given, only these student blocks are merged; every other block, the
+      embedding and the LM head keep the student's weights (α = 0): the per-layer α sweep.
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
       normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
     """
@@ -57,6 +75,8 @@ class CompressRecipe(BaseModel):
     alpha: float = 0.5
     alignment_threshold: float = 0.3
     alpha_embed: float | None = None
+    alpha_grid: list[float] = [0.05, 0.1, 0.2, 0.3]
+    merge_layers: list[int] | None = None
     ridge_lambda: float = 1.0
     ridge_head: bool = False
     # capture
@@ -84,6 +104,10 @@ class CompressRecipe(BaseModel):
             raise ValueError("dump_rate must be in (0, 1]")
         if isinstance(self.layer_map, str) and self.layer_map not in ("proportional", "cka"):
             raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
+        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError("alpha_grid values must be between 0 and 1")
+        if self.merge_layers is not None and any(j < 0 for j in self.merge_layers):
+            raise ValueError("merge_layers are student block indices (0 or more)")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":

@@ -263,7 +263,25 @@ __all__ = [
     "fingerprint",
     "known_model_dir",
     "load_model",
+    "load_pair",
     "resolve_dtype",
     "resolve_model",
     "tokenizer_fingerprint",
 ]
+
+
+def load_pair(
+    teacher: str, student: str, device: str, dtype: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Both models, refused unless they share one vocabulary; and their input record."""
+    t = load_model(teacher, device=device, dtype=dtype)
+    s = load_model(student, device=device, dtype=dtype)
+    if t.tokenizer.get_vocab() != s.tokenizer.get_vocab():
+        raise GradfreeError("The teacher and the student must share one tokenizer vocabulary.")
+    inputs: dict[str, Any] = {
+        "teacher": {"spec": teacher, "fingerprint": t.fingerprint},
+        "student": {"spec": student, "fingerprint": s.fingerprint},
+        "device": device,
+        "dtype": dtype,
+    }
+    return t, s, inputs

@@ -1,0 +1,237 @@
+"""The experiment config: seed 000's research matrix as one strict pydantic model.
+
+A config names the pair, the calibration / validation / evaluation texts, a base recipe and the
+rows. Studies (an α sweep on selected layers, data efficiency, task transfer, composability of
+bases) expand into ordinary rows, so that the engine only knows one kind of row
+(:func:`expand_rows`). Unknown or inconsistent fields fail with one sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gradfree.configfile import read_yaml_mapping, validation_message
+from gradfree.errors import GradfreeError
+
+
+class Texts(BaseModel):
+    """Documents of a corpus: ``split``, then ``skip`` documents dropped, then at most ``limit``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: str = "tourguide"
+    split: str | None = None
+    skip: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+
+    def key(self) -> str:
+        return f"{self.corpus}:{self.split or 'all'}:{self.skip}:{self.limit or 'all'}"
+
+    def label(self) -> str:
+        part = f"/{self.split}" if self.split else ""
+        n = f"[{self.skip}:{self.skip + self.limit}]" if self.limit else f"[{self.skip}:]"
+        return f"{self.corpus}{part}{n}"
+
+
+class Blend(BaseModel):
+    """Composability: the residual bases are the point at ``weight`` on the Grassmann geodesic
+    from this row's bases to the bases solved from a capture on ``calibration``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: Texts
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class Row(BaseModel):
+    """One model to build and measure.
+
+    ``kind``: "student" (the native student), "teacher" (the teacher itself, reference row),
+    "compress" (a recipe, optionally with a distilled head). ``recipe`` overrides the config's
+    base recipe. ``calibration`` overrides the config's calibration texts. ``head`` distils the
+    LM head of the result (λ, β chosen on the validation texts' KL).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: str = "compress"
+    study: str = "matrix"
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    calibration: Texts | None = None
+    head: bool = False
+    blend: Blend | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Row:
+        if self.kind not in ("student", "teacher", "compress"):
+            raise ValueError(f"row {self.name!r}: kind is 'student', 'teacher' or 'compress'")
+        if self.kind != "compress" and (self.recipe or self.blend or self.calibration):
+            raise ValueError(f"row {self.name!r}: a {self.kind} row takes no recipe")
+        if self.kind == "teacher" and self.head:
+            raise ValueError(f"row {self.name!r}: the teacher row has no head to distil")
+        return self
+
+
+class AlphaSweep(BaseModel):
+    """α from 0 to 1 on one student block at a time (the others keep the student's weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int]
+    alphas: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataEfficiency(BaseModel):
+    """The named rows again, calibrated on the first N calibration documents for each N."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sizes: list[int]
+    rows: list[str]
+
+
+class Transfer(BaseModel):
+    """The named rows calibrated on other texts (evaluation stays the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    calibration: Texts
+    rows: list[str]
+
+
+class Composability(BaseModel):
+    """The named rows with bases blended with those of another task's capture."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: Texts
+    weights: list[float] = [0.3]
+    rows: list[str]
+
+
+class Studies(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha_sweep: AlphaSweep | None = None
+    data_efficiency: DataEfficiency | None = None
+    transfer: list[Transfer] = []
+    composability: Composability | None = None
+
+
+class ExperimentConfig(BaseModel):
+    """Everything ``gradfree experiment`` does, recorded as ``experiment.json`` in the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str
+    student: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    calibration: Texts = Texts(corpus="tourguide", split="calibration", limit=32)
+    validation: Texts = Texts(corpus="tourguide", split="calibration", skip=32, limit=12)
+    task: Texts = Texts(corpus="tourguide", split="heldout", limit=12)
+    out_of_task: list[Texts] = [Texts(corpus="news", split="heldout", limit=6)]
+    questions: int = Field(16, ge=0)
+    max_length: int = Field(256, ge=2)
+    batch_size: int = Field(4, ge=1)
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    head_lambdas: list[float] = [0.1, 1.0, 10.0]
+    head_blends: list[float] = [0.25, 0.5, 0.75, 1.0]
+    rows: list[Row]
+    studies: Studies = Studies()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        names = [r.name for r in self.rows]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"row names must be unique ({', '.join(dup)} repeated)")
+        groups = [self.studies.data_efficiency, *self.studies.transfer, self.studies.composability]
+        for study in groups:
+            for n in study.rows if study is not None else []:
+                if n not in names:
+                    raise ValueError(f"a study names the row {n!r}, which is not in rows")
+        sweep = self.studies.alpha_sweep
+        if sweep is not None and any(not 0.0 <= a <= 1.0 for a in sweep.alphas):
+            raise ValueError("alpha_sweep alphas must be between 0 and 1")
+        de = self.studies.data_efficiency
+        if de is not None and any(n < 1 for n in de.sizes):
+            raise ValueError("data_efficiency sizes must be at least 1")
+        return self
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    return make_experiment(read_yaml_mapping(path, "experiment file"))
+
+
+def make_experiment(data: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as e:
+        raise GradfreeError(validation_message(e, "experiment config")) from None
+
+
+def expand_rows(cfg: ExperimentConfig) -> list[Row]:
+    """The config's rows followed by every study's rows (names say where each comes from)."""
+    rows = list(cfg.rows)
+    by_name = {r.name: r for r in cfg.rows}
+    st = cfg.studies
+    if st.alpha_sweep is not None:
+        for layer in st.alpha_sweep.layers:
+            for a in st.alpha_sweep.alphas:
+                recipe = {
+                    **st.alpha_sweep.recipe,
+                    "merge": "uniform",
+                    "alpha": a,
+                    "merge_layers": [layer],
+                }
+                rows.append(Row(name=f"sweep/L{layer}/α={a:g}", study="alpha_sweep", recipe=recipe))
+    if st.data_efficiency is not None:
+        base = cfg.calibration
+        for n in st.data_efficiency.sizes:
+            texts = base.model_copy(update={"limit": n})
+            for name in st.data_efficiency.rows:
+                r = by_name[name]
+                rows.append(
+                    r.model_copy(
+                        update={
+                            "name": f"{name}@{n}",
+                            "study": "data_efficiency",
+                            "calibration": texts,
+                        }
+                    )
+                )
+    for tr in st.transfer:
+        for name in tr.rows:
+            r = by_name[name]
+            rows.append(
+                r.model_copy(
+                    update={
+                        "name": f"{name}@{tr.name}",
+                        "study": "transfer",
+                        "calibration": tr.calibration,
+                    }
+                )
+            )
+    comp = st.composability
+    if comp is not None:
+        for w in comp.weights:
+            for name in comp.rows:
+                r = by_name[name]
+                rows.append(
+                    r.model_copy(
+                        update={
+                            "name": f"{name}+blend{w:g}",
+                            "study": "composability",
+                            "blend": Blend(calibration=comp.calibration, weight=w),
+                        }
+                    )
+                )
+    return rows

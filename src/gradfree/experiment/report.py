@@ -1,0 +1,229 @@
+"""The experiment's outputs: ``results.json`` (every number), ``results.md`` (the tables) and
+``plots/`` (task KL per row, the α sweep, data efficiency), rewritten after every row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradfree.experiment.config import ExperimentConfig
+from gradfree.experiment.scoring import Reference, bootstrap_delta
+from gradfree.io import write_json_atomic, write_text_atomic
+from gradfree.provenance import machine, versions
+
+
+def _f(x: float | None, d: int = 4) -> str:
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def _pct(x: float, base: float) -> str:
+    return f"{100 * (x / base - 1):+.1f}%"
+
+
+def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per result: task KL/ppl/top-1, out-of-task ppl, questions, Δ vs student."""
+    student = results.get("student")
+    rows = []
+    for name, r in results.items():
+        task = r.get("task")
+        if task is None:
+            continue
+        row: dict[str, Any] = {
+            "row": name,
+            "study": r["study"],
+            "calibration": r.get("calibration") or "–",
+            "task_kl": task["kl"],
+            "task_ppl": task["ppl"],
+            "task_top1": task["top1"],
+            "out": {k[4:]: v["ppl"] for k, v in r.items() if k.startswith("out:")},
+            "questions": r.get("questions"),
+            "seconds": r.get("seconds"),
+            "alpha": (r.get("measured_alpha") or {}).get("chosen_alpha"),
+            "head": r.get("head"),
+        }
+        if student is not None and name != "student":
+            row["kl_ci"] = bootstrap_delta(student["task"], task)
+            row["out_vs_student"] = {
+                k: v / student[f"out:{k}"]["ppl"] - 1 for k, v in row["out"].items()
+            }
+        rows.append(row)
+    return rows
+
+
+def markdown(
+    cfg: ExperimentConfig,
+    results: dict[str, dict[str, Any]],
+    refs: dict[str, Reference],
+    clock: Any,
+) -> str:
+    rows = summary_rows(results)
+    student = next((r for r in rows if r["row"] == "student"), None)
+    outs = [k[4:] for k in refs if k.startswith("out:")]
+    task = refs.get("task")
+    lines = [
+        "# gradfree experiment: seed 000's research matrix",
+        "",
+        f"Teacher `{cfg.teacher}`, student `{cfg.student}`, {cfg.dtype} on {cfg.device}. "
+        f"Calibration {cfg.calibration.label()}, validation (measured choices) "
+        f"{cfg.validation.label()}, task {cfg.task.label()}"
+        + (
+            f" ({int(task.teacher['tokens'])} scored tokens, teacher ppl {task.teacher['ppl']:.2f})"
+            if task and task.teacher
+            else ""
+        )
+        + f", out of task {', '.join(outs) or '–'}, {cfg.questions} place questions. "
+        f"KL = KL(teacher ‖ model) per token; the interval is the 95% bootstrap interval (over "
+        "documents) of the row's task KL minus the student's.",
+        "",
+    ]
+    head = ["row", "study", "calibration", "task KL", "ΔKL 95% CI", "task ppl", "top-1"]
+    head += [f"{o} ppl (vs student)" for o in outs] + ["questions", "s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ci = r.get("kl_ci")
+        cells = [
+            f"`{r['row']}`",
+            r["study"],
+            r["calibration"],
+            _f(r["task_kl"]),
+            f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "–",
+            _f(r["task_ppl"], 2),
+            _f(r["task_top1"], 3),
+        ]
+        for o in outs:
+            v = r["out"].get(o)
+            rel = (
+                f" ({_pct(v, student['out'][o])})"
+                if student and v is not None and r is not student
+                else ""
+            )
+            cells.append(f"{_f(v, 2)}{rel}")
+        q = r["questions"]
+        cells.append(f"{q['matched']}/{q['n']}" if q else "–")
+        cells.append(_f(r["seconds"], 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_verdict(rows, outs), ""]
+    chosen = [(n, r) for n, r in results.items() if r.get("measured_alpha") or r.get("head")]
+    if chosen:
+        lines += ["## Choices made on validation KL", ""]
+        for n, r in chosen:
+            if r.get("measured_alpha"):
+                m = r["measured_alpha"]
+                tried = ", ".join(
+                    f"α={c['alpha']:g}: {c['validation_kl']:.4f}" for c in m["candidates"]
+                )
+                lines.append(f"- `{n}`: α = {m['chosen_alpha']:g} ({tried})")
+            if r.get("head"):
+                h = r["head"]
+                lines.append(
+                    f"- `{n}` head: λ = {h['lambda']}, β = {h['blend']} (validation KL "
+                    f"{h['validation_student']['kl']:.4f} → {h['validation_chosen']['kl']:.4f})"
+                )
+        lines.append("")
+    lines += ["## Time and peak memory per stage", "", clock.table(), ""]
+    return "\n".join(lines)
+
+
+def _verdict(rows: list[dict[str, Any]], outs: list[str]) -> list[str]:
+    """Which rows beat the student on task KL and perplexity without losing >2% out of task."""
+    student = next((r for r in rows if r["row"] == "student"), None)
+    if student is None:
+        return []
+    good = [
+        r["row"]
+        for r in rows
+        if r["row"] != "student"
+        and r.get("kl_ci")
+        and r["kl_ci"][1] < 0
+        and r["task_ppl"] < student["task_ppl"]
+        and all(v <= 0.02 for v in r.get("out_vs_student", {}).values())
+    ]
+    if not good:
+        return [
+            "**No row is better than the native student** on task KL (95% interval below 0) and "
+            "task perplexity while staying within 2% of its out-of-task perplexity."
+        ]
+    return [
+        "Rows better than the native student on task KL (95% interval below 0) and task "
+        "perplexity, within 2% of its out-of-task perplexity: " + ", ".join(f"`{g}`" for g in good)
+    ]
+
+
+def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
+    """Task KL per row (log scale), KL against α per swept layer, KL against calibration size."""
+    from gradfree.plots import line_plot
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    main = [(n, r["task"]["kl"]) for n, r in results.items() if r["study"] == "matrix"]
+    if main:
+        written.append(
+            line_plot(
+                {"task KL": (list(range(len(main))), [k for _, k in main])},
+                folder / "task_kl.png",
+                title="KL(teacher ‖ model) per row: "
+                + ", ".join(f"{i}={n}" for i, (n, _) in enumerate(main))[:120],
+                xlabel="row",
+                ylabel="KL per token",
+                logy=all(k > 0 for _, k in main),
+            ).name
+        )
+    sweep: dict[str, tuple[list[float], list[float]]] = {}
+    for n, r in results.items():
+        if r["study"] == "alpha_sweep":
+            layer = n.split("/")[1]
+            xs, ys = sweep.setdefault(layer, ([], []))
+            xs.append(r["recipe"]["alpha"])
+            ys.append(r["task"]["kl"])
+    if sweep:
+        written.append(
+            line_plot(
+                sweep,
+                folder / "alpha_sweep.png",
+                title="α sweep, one block at a time",
+                xlabel="α",
+                ylabel="task KL",
+            ).name
+        )
+    eff: dict[str, tuple[list[float], list[float]]] = {}
+    for n, r in results.items():
+        if r["study"] == "data_efficiency":
+            base, _, size = n.rpartition("@")
+            xs, ys = eff.setdefault(base, ([], []))
+            xs.append(float(size))
+            ys.append(r["task"]["kl"])
+    if eff:
+        written.append(
+            line_plot(
+                eff,
+                folder / "data_efficiency.png",
+                title="Data efficiency",
+                xlabel="calibration documents",
+                ylabel="task KL",
+            ).name
+        )
+    return written
+
+
+def write_results(
+    out: Path,
+    cfg: ExperimentConfig,
+    results: dict[str, dict[str, Any]],
+    refs: dict[str, Reference],
+    clock: Any,
+    *,
+    final: bool,
+) -> None:
+    data = {
+        "rows": results,
+        "summary": summary_rows(results),
+        "references": {k: v.teacher for k, v in refs.items()},
+        "stages": clock.rows,
+        "machine": machine(),
+        "versions": versions(),
+        "complete": final,
+    }
+    write_json_atomic(out / "results.json", data)
+    write_text_atomic(out / "results.md", markdown(cfg, results, refs, clock))
+    if final:
+        plots(results, out / "plots")

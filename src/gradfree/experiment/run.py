@@ -1,0 +1,384 @@
+"""The engine of ``gradfree experiment``: build every row's model, measure it, write the table.
+
+    refs   = teacher references of the validation, task and out-of-task texts (once, on disk)
+    for each calibration set:     one paired capture (kept under work/, reused by its rows)
+        for each projection:      bases + head/neuron plans + projected teacher (once)
+            for each row:         merge [+ measured α] [+ distilled head] → score → results
+
+Rows are ordered so that captures and projections are computed once; results are written
+(atomically) after every row, so a long run can be followed, and ``resume`` skips the rows
+already measured with the same config. Time and peak memory of every stage are recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradfree.errors import GradfreeError
+from gradfree.experiment.config import ExperimentConfig, Row, Texts, expand_rows
+from gradfree.experiment.scoring import Reference, bootstrap_delta, score, teacher_reference
+
+CAPTURE_FIELDS = ("layer_map", "max_length", "batch_size", "dump_rate", "dump_max", "seed")
+
+
+def load_texts(t: Texts) -> list[Any]:
+    from gradfree.corpora import load_corpus
+
+    docs = load_corpus(t.corpus, split=t.split)[t.skip :]
+    docs = docs[: t.limit] if t.limit is not None else docs
+    if not docs:
+        raise GradfreeError(f"The texts {t.label()} hold no documents after skipping {t.skip}.")
+    return docs
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Engine:
+    """State of one run: models, references, the current capture and projection, the results."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out: Path,
+        teacher: Any,
+        student: Any,
+        say: Callable[[str], None],
+        clock: Any,
+    ) -> None:
+        from gradfree.compress import make_recipe
+
+        self.cfg, self.out, self.t, self.s, self.say, self.clock = (
+            cfg,
+            out,
+            teacher,
+            student,
+            say,
+            clock,
+        )
+        self.base = make_recipe(cfg.recipe, max_length=cfg.max_length, batch_size=cfg.batch_size)
+        self.work = out / "work"
+        self.refs: dict[str, Reference] = {}
+        self.captures: dict[str, Any] = {}
+        self.by_texts: dict[str, Any] = {}  # texts key -> a full paired capture of them
+        self.layer_maps: dict[str, list[int]] = {}
+        self._proj: tuple[str, Any] | None = None
+        self.questions: list[Any] = []
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # inputs ---------------------------------------------------------------------------------
+    def references(self) -> None:
+        cfg = self.cfg
+        named = {"validation": cfg.validation, "task": cfg.task}
+        for t in cfg.out_of_task:
+            named[f"out:{t.label()}"] = t
+        for name, texts in named.items():
+            folder = self.work / "refs" / _hash(texts.model_dump())
+            with self.clock.stage(f"teacher reference: {name}"):
+                self.refs[name] = teacher_reference(
+                    self.t.model, self.s.tokenizer, load_texts(texts), folder, cfg.max_length
+                )
+        if cfg.questions:
+            from gradfree.corpora import load_questions
+
+            self.questions = load_questions()[: cfg.questions]
+
+    def capture(self, texts: Texts, recipe: Any) -> Any:
+        """The paired capture of ``texts`` for a recipe's capture fields (cached on disk)."""
+        from gradfree.capture import load_capture
+        from gradfree.compress import capture_pair, resolve_layer_map
+        from gradfree.compress.pipeline import CAPTURE_SITES, CROSS_SITES, cka_layer_map
+
+        spec = {
+            "texts": texts.model_dump(),
+            "sites": [CAPTURE_SITES, CROSS_SITES],
+            **{f: getattr(recipe, f) for f in CAPTURE_FIELDS},
+        }
+        key = _hash(spec)
+        if key in self.captures:
+            return self.captures[key]
+        folder = self.work / "captures" / key
+        docs = load_texts(texts)
+        if (folder / "manifest.json").exists():
+            cap = load_capture(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            with self.clock.stage(f"layer map + paired capture: {texts.label()}"):
+                lmap = resolve_layer_map(
+                    recipe,
+                    self.t.model,
+                    self.s.model,
+                    lambda: cka_layer_map(self.t, self.s, docs, folder.with_suffix(".cka"), recipe),
+                )
+                self.say(f"paired capture of {texts.label()} ({len(docs)} documents)")
+                cap = capture_pair(self.t, self.s, docs, folder, recipe, lmap)
+                shutil.rmtree(folder.with_suffix(".cka"), ignore_errors=True)
+        self.captures[key] = self.by_texts[texts.key()] = cap
+        return cap
+
+    # building ---------------------------------------------------------------------------------
+    def projection(self, row: Row, recipe: Any, cap: Any) -> Any:
+        from gradfree.compress import project
+        from gradfree.compress.recipe import PROJECTION_FIELDS
+
+        blend = None
+        if row.blend is not None:
+            blend = self.blended_bases(recipe, cap, row)
+        key = _hash(
+            {
+                "cap": str(cap.path),
+                "fields": {f: getattr(recipe, f) for f in PROJECTION_FIELDS},
+                "blend": row.blend.model_dump() if row.blend else None,
+            }
+        )
+        if self._proj is not None and self._proj[0] == key:
+            return self._proj[1]
+        self._proj = None
+        gc.collect()
+        with self.clock.stage(f"project {recipe.basis}{'/per-layer' if recipe.per_layer else ''}"):
+            proj = project(self.t.model, self.s.model, cap, recipe, bases=blend)
+        self._proj = (key, proj)
+        return proj
+
+    def blended_bases(self, recipe: Any, cap: Any, row: Row) -> Any:
+        """Composability: the point at ``weight`` on the Grassmann geodesic from this capture's
+        bases to another task's (columns kept in the student's coordinates)."""
+        from gradfree.compress.bases import BasisSet, residual_bases
+        from gradfree.solvers import geodesic_average
+
+        assert row.blend is not None
+        other = self.capture(row.blend.calibration, recipe)
+        n = len(cap.layer_map)
+        kw = {
+            "trunk_fraction": recipe.trunk_fraction,
+            "align": recipe.align,
+            "per_layer": recipe.per_layer,
+            "part": recipe.basis_stats,
+        }
+        a = residual_bases(cap, n, cap.layer_map, recipe.basis, **kw)
+        b = residual_bases(other, n, other.layer_map, recipe.basis, **kw)
+        w = row.blend.weight
+        mixed = [geodesic_average(va, vb, w) for va, vb in zip(a.bases, b.bases, strict=True)]
+        out = BasisSet(mixed, f"{recipe.basis}+blend")
+        out.diagnostics = a.diagnostics
+        return out
+
+    def measured_alpha(self, proj: Any, recipe: Any, cap: Any) -> tuple[Any, dict[str, Any]]:
+        """The uniform α (from ``recipe.alpha_grid``, 0 included) with the lowest validation KL."""
+        from gradfree.compress import make_recipe, merge
+
+        best: tuple[float, float, Any] | None = None
+        tried = []
+        for a in sorted({0.0, *recipe.alpha_grid}):
+            r = make_recipe(recipe, merge="uniform", alpha=a, alpha_grid=[])
+            sol = merge(proj, self.t.model, self.s.model, cap, r)
+            kl = score(sol.model, self.refs["validation"])["kl"]
+            tried.append({"alpha": a, "validation_kl": kl})
+            if best is None or kl < best[0]:
+                best = (kl, a, sol)
+            else:
+                del sol
+        assert best is not None
+        return best[2], {"chosen_alpha": best[1], "candidates": tried}
+
+    def distil_head(self, model: nn.Module, cap: Any | None, texts: Texts) -> dict[str, Any]:
+        """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place)."""
+        import tempfile
+
+        from gradfree.capture import Subject, run_capture
+        from gradfree.compress.head import (
+            ValidationDoc,
+            apply_head_,
+            final_states,
+            select_ridge_head,
+        )
+
+        ref = self.refs["validation"]
+        val = [
+            ValidationDoc(w, final_states(model, w).cpu(), ref.teacher_logp(k))
+            for k, w in enumerate(ref.ids)
+        ]
+        with tempfile.TemporaryDirectory(prefix="head-", dir=self.work) as tmp:
+            if cap is None:  # the model is not the captured student: capture its final states
+                cap = run_capture(
+                    {"teacher": self.t, "student": Subject(model, self.s.tokenizer)},
+                    load_texts(texts),
+                    Path(tmp) / "cap",
+                    {
+                        "sites": ["final.normed"],
+                        "max_length": self.cfg.max_length,
+                        "batch_size": self.cfg.batch_size,
+                    },
+                )
+            choice = select_ridge_head(
+                model, self.t.model, cap, val, self.cfg.head_lambdas, self.cfg.head_blends
+            )
+        if choice.head is not None:
+            apply_head_(model, choice.head)
+        del val
+        return choice.describe()
+
+    # measuring ---------------------------------------------------------------------------------
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        for name, ref in self.refs.items():
+            if name != "validation":
+                res[name] = score(model, ref)
+        if self.questions:
+            from gradfree.corpora import system_prompt
+            from gradfree.evaluate import answer_questions
+
+            qa = answer_questions(model, self.s.tokenizer, self.questions, system_prompt())
+            res["questions"] = {"matched": qa["matched"], "n": qa["n"], "score": qa["score"]}
+        return res
+
+    def run_row(self, row: Row) -> dict[str, Any]:
+        from gradfree.compress import make_recipe, merge
+
+        info: dict[str, Any] = {"study": row.study, "kind": row.kind}
+        texts = row.calibration or self.cfg.calibration
+        if row.kind == "teacher":
+            return {**info, **self.measure(self.t.model)}
+        if row.kind == "student":
+            model = self.s.model
+            if row.head:
+                model = _copy(self.s.model)
+                # Reuse a full paired capture of these texts when one exists (it holds the
+                # final states); otherwise capture only the final states (much cheaper).
+                cap = self.by_texts.get(texts.key())
+                info["head"] = self.distil_head(model, cap, texts)
+            info["calibration"] = texts.label() if row.head else None
+            return {**info, **self.measure(model)}
+        recipe = make_recipe(self.base, **row.recipe)
+        info["recipe"] = recipe.model_dump(mode="json")
+        info["calibration"] = texts.label()
+        cap = self.capture(texts, recipe)
+        proj = self.projection(row, recipe, cap)
+        with self.clock.stage(f"merge {row.name}"):
+            if recipe.merge == "measured":
+                sol, info["measured_alpha"] = self.measured_alpha(proj, recipe, cap)
+            else:
+                sol = merge(proj, self.t.model, self.s.model, cap, recipe)
+        info["merge"] = sol.merge.describe() if sol.merge else None
+        info["profile"] = sol.merge_profile()
+        model = sol.model if sol.model is not proj.projected else _copy(proj.projected)
+        if row.head:
+            with self.clock.stage(f"head {row.name}"):
+                info["head"] = self.distil_head(model, None, texts)
+        del sol
+        out = {**info, **self.measure(model)}
+        del model
+        gc.collect()
+        return out
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def order_rows(rows: Sequence[Row], cfg: ExperimentConfig) -> list[Row]:
+    """The matrix's student/teacher rows first, then compress rows grouped by calibration and
+    projection (so each capture and projection is computed once), then the studies' other rows."""
+    from gradfree.compress import make_recipe
+    from gradfree.compress.recipe import PROJECTION_FIELDS
+
+    def key(r: Row) -> tuple[Any, ...]:
+        if r.kind != "compress":
+            return (0 if r.study == "matrix" else 2, "", "")
+        rec = make_recipe(cfg.recipe, **r.recipe)
+        texts = (r.calibration or cfg.calibration).key()
+        proj = json.dumps({f: getattr(rec, f) for f in PROJECTION_FIELDS}, default=str)
+        return (1, texts + (r.blend.model_dump_json() if r.blend else ""), proj)
+
+    return sorted(rows, key=key)  # sorted() is stable: the config's order within a group
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    keep_work: bool = False,
+    say: Callable[[str], None] = print,
+    models: tuple[Any, Any] | None = None,
+) -> Path:
+    """Run every row of ``cfg`` into ``out``: results.json, results.md, plots/, experiment.json.
+
+    ``models`` = (teacher, student) already loaded (their norms are folded in place, which
+    preserves their function); otherwise they are loaded from the config's names.
+    """
+    from gradfree.compress import fold_pair_
+    from gradfree.experiment.report import write_results
+    from gradfree.io import write_json_atomic
+    from gradfree.provenance import Stopwatch
+
+    out = Path(out)
+    record = cfg.model_dump(mode="json")
+    if out.exists():
+        prev = out / "experiment.json"
+        if resume and prev.exists():
+            old = json.loads(prev.read_text())
+            if {k: v for k, v in old.items() if k not in ("rows", "studies")} != {
+                k: v for k, v in record.items() if k not in ("rows", "studies")
+            }:
+                raise GradfreeError(
+                    f"{out} holds an experiment with other settings; resume needs the same ones."
+                )
+        elif overwrite:
+            shutil.rmtree(out)
+        else:
+            raise GradfreeError(
+                f"The output folder {out} already exists; pass --resume or --overwrite."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "experiment.json", record)
+    clock = Stopwatch()
+    if models is None:
+        from gradfree.models import load_pair
+
+        with clock.stage("load teacher and student"):
+            teacher, student, _ = load_pair(cfg.teacher, cfg.student, cfg.device, cfg.dtype)
+    else:
+        teacher, student = models
+    torch.manual_seed(0)
+    eng = Engine(cfg, out, teacher, student, say, clock)
+    results_path = out / "results.json"
+    if resume and results_path.exists():
+        eng.results = json.loads(results_path.read_text())["rows"]
+    rows = order_rows(expand_rows(cfg), cfg)
+    with clock.stage("fold norms (function-preserving)"):
+        fold_pair_(teacher.model, student.model)
+    eng.references()
+    for i, row in enumerate(rows):
+        if row.name in eng.results and eng.results[row.name].get("config") == _hash(
+            row.model_dump(mode="json")
+        ):
+            continue
+        say(f"[{i + 1}/{len(rows)}] {row.name}")
+        with clock.stage(f"row {row.name}"):
+            res = eng.run_row(row)
+        res["config"] = _hash(row.model_dump(mode="json"))
+        res["seconds"] = clock.rows[-1]["seconds"]
+        res["peak_rss_gib"] = clock.rows[-1]["peak_rss_gib"]
+        eng.results[row.name] = res
+        write_results(out, cfg, eng.results, eng.refs, clock, final=False)
+    write_results(out, cfg, eng.results, eng.refs, clock, final=True)
+    if not keep_work:
+        shutil.rmtree(eng.work, ignore_errors=True)
+    return out
+
+
+__all__ = ["bootstrap_delta", "run_experiment"]

@@ -1,0 +1,155 @@
+"""gradfree experiment: the research matrix end to end on tiny models saved as HF folders.
+
+A planted teacher (the student embedded in a wider, rotated residual stream) makes every row
+exact, so the engine's plumbing (references, captures, projections, blends, heads, studies) is
+checked against KL ≈ 0; an unrelated teacher checks the measured choices, the α sweep's α = 0
+fixed point, resume and the one-sentence errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gradfree.compress.planted import embed_student
+from gradfree.errors import GradfreeError
+from gradfree.experiment import expand_rows, make_experiment, run_experiment
+from gradfree.testing import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save(model: torch.nn.Module, path: Path) -> str:
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _config(teacher: str, student: str, **kw: Any) -> dict[str, Any]:
+    heldout = {"corpus": "tourguide", "split": "heldout"}
+    cfg: dict[str, Any] = {
+        "teacher": teacher,
+        "student": student,
+        "calibration": {"corpus": "tourguide", "split": "calibration", "limit": 4},
+        "validation": {"corpus": "tourguide", "split": "calibration", "skip": 4, "limit": 2},
+        "task": {**heldout, "limit": 3},
+        "out_of_task": [{**heldout, "skip": 3, "limit": 2}],
+        "questions": 2,
+        "max_length": 40,
+        "recipe": {"dump_rate": 1.0},
+        "head_lambdas": [1.0],
+        "head_blends": [0.5, 1.0],
+        "rows": [
+            {"name": "student", "kind": "student"},
+            {"name": "joint/none", "recipe": {"merge": "none"}},
+            {"name": "svd/optimal", "recipe": {"basis": "svd", "merge": "optimal"}},
+            {"name": "joint/measured", "recipe": {"merge": "measured", "alpha_grid": [0.5, 1]}},
+            {"name": "student+head", "kind": "student", "head": True},
+            {"name": "joint/none+head", "recipe": {"merge": "none"}, "head": True},
+        ],
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def test_planted_teacher_every_row_is_exact(tmp_path: Path) -> None:
+    student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    teacher, _ = embed_student(student, 48, seed=3, permute=True)
+    cfg = _config(
+        _save(teacher, tmp_path / "t"),
+        _save(student, tmp_path / "s"),
+        questions=0,
+        studies={
+            "alpha_sweep": {"layers": [1], "alphas": [0.0, 1.0]},
+            "data_efficiency": {"sizes": [2], "rows": ["joint/none"]},
+            "transfer": [
+                {
+                    "name": "heldout",
+                    "calibration": {"corpus": "tourguide", "split": "heldout", "skip": 5},
+                    "rows": ["joint/none"],
+                }
+            ],
+            "composability": {
+                "calibration": {"corpus": "tourguide", "split": "heldout", "skip": 5},
+                "weights": [0.5],
+                "rows": ["joint/none"],
+            },
+        },
+    )
+    out = run_experiment(make_experiment(cfg), tmp_path / "exp", say=lambda _m: None)
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert res["complete"] and set(rows) == {r.name for r in expand_rows(make_experiment(cfg))}
+    for name, r in rows.items():
+        assert r["task"]["kl"] < 1e-5, name  # the planted teacher is the student: all exact
+    assert rows["joint/none"]["task"]["tokens"] == rows["student"]["task"]["tokens"] > 0
+    assert rows["joint/none+blend0.5"]["study"] == "composability"
+    assert rows["joint/none@2"]["calibration"].endswith("[0:2]")
+    md = (out / "results.md").read_text()
+    assert "`joint/none@heldout`" in md and "Time and peak memory" in md
+    assert (out / "plots" / "alpha_sweep.png").exists()
+    assert not (out / "work").exists()  # captures and references removed at the end
+
+
+def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
+    student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    teacher = tiny_model("qwen2", hidden_size=48, intermediate_size=64, num_hidden_layers=3, seed=5)
+    cfg = _config(
+        _save(teacher, tmp_path / "t"),
+        _save(student, tmp_path / "s"),
+        studies={"alpha_sweep": {"layers": [0], "alphas": [0.0, 1.0]}},
+    )
+    exp = make_experiment(cfg)
+    out = run_experiment(exp, tmp_path / "exp", say=lambda _m: None, keep_work=True)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    base = rows["student"]["task"]
+    assert base["kl"] > 1e-3
+    # α = 0 on the one swept block (the others, the embedding and the head: student) is the student
+    assert abs(rows["sweep/L0/α=0"]["task"]["kl"] - base["kl"]) < 1e-6
+    assert abs(rows["sweep/L0/α=1"]["task"]["kl"] - base["kl"]) > 1e-6
+    m = rows["joint/measured"]["measured_alpha"]
+    kls = {c["alpha"]: c["validation_kl"] for c in m["candidates"]}
+    assert set(kls) == {0.0, 0.5, 1.0} and kls[m["chosen_alpha"]] == min(kls.values())
+    h = rows["student+head"]["head"]
+    assert h["validation_chosen"]["kl"] <= h["validation_student"]["kl"]
+    # resume: nothing is recomputed, the numbers stay
+    mtime = (out / "results.json").stat().st_mtime_ns
+    said: list[str] = []
+    run_experiment(exp, out, resume=True, say=said.append)
+    assert not said
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert again["student"]["task"] == base
+    assert (out / "results.json").stat().st_mtime_ns >= mtime
+    with pytest.raises(GradfreeError, match="already exists"):
+        run_experiment(exp, out, say=lambda _m: None)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"rows": [{"name": "a"}, {"name": "a"}]}, "unique"),
+        ({"rows": [{"name": "s", "kind": "student", "recipe": {"merge": "none"}}]}, "no recipe"),
+        (
+            {
+                "rows": [{"name": "a"}],
+                "studies": {"data_efficiency": {"sizes": [2], "rows": ["b"]}},
+            },
+            "not in rows",
+        ),
+        ({"rows": [], "bogus": 1}, "Unknown experiment config option 'bogus'"),
+    ],
+)
+def test_bad_configs_fail_in_one_sentence(patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(GradfreeError, match=message):
+        make_experiment({"teacher": "t", "student": "s", **patch})
