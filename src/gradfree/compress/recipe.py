@@ -39,6 +39,9 @@ class CompressRecipe(BaseModel):
       student's weights).
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
       normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
+    * ``attention_kl_windows``: after solving, measure the attention KL per block and KV group of
+      the result against the teacher on the first N capture windows (0: off); see
+      :mod:`gradfree.compress.attention_kl`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -59,6 +62,7 @@ class CompressRecipe(BaseModel):
     alpha_embed: float | None = None
     ridge_lambda: float = 1.0
     ridge_head: bool = False
+    attention_kl_windows: int = 2
     # capture
     max_length: int = 256
     batch_size: int = 2
@@ -84,6 +88,8 @@ class CompressRecipe(BaseModel):
             raise ValueError("dump_rate must be in (0, 1]")
         if isinstance(self.layer_map, str) and self.layer_map not in ("proportional", "cka"):
             raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
+        if self.attention_kl_windows < 0:
+            raise ValueError("attention_kl_windows must be 0 (off) or a number of windows")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
