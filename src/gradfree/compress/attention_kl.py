@@ -10,7 +10,8 @@ the mean over its matched student heads. Heads without a teacher head are left o
 says nothing about them.
 
 Memory: one window at a time (batch 1, no padding); per window the hooks keep only the q/k of the
-needed blocks, and attention probabilities exist for one block at a time.
+needed blocks, and attention probabilities exist for one block at a time. A KV group without a
+matched head (impossible when both models have heads in every group) reads NaN.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _queries_keys(
     got: dict[str, torch.Tensor] = {}
 
     def sink(key: str, x: torch.Tensor) -> None:
-        got[key] = x[0].detach()  # (T, width): batch of one
+        x = x[0].detach()  # (T, width): batch of one
+        got[key] = x.cpu() if x.device.type == "mps" else x  # the KL is float64 (no MPS)
 
     dev = next(a.model.parameters()).device
     ids = ids.to(dev)

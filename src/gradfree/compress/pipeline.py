@@ -71,6 +71,8 @@ class Solution:
 
     def merge_profile(self) -> list[dict[str, Any]]:
         """Seed 000's merge profile: one row per student block."""
+        from gradfree.compress.report import sig4
+
         rows = []
         for j, d in enumerate(self.bases.diagnostics[:-1]):
             a_attn = self.merge.attn[j] if self.merge else [1.0]
@@ -97,18 +99,13 @@ class Solution:
                     "mi_teacher": round(d["mi_teacher"], 3),
                     "mi_per_dim": round(d["mi_per_dim"], 4),
                     "attention_kl": (
-                        _sig(sum(self.attention_kl[j]) / len(self.attention_kl[j]))
+                        sig4(sum(self.attention_kl[j]) / len(self.attention_kl[j]))
                         if self.attention_kl
                         else None
                     ),
                 }
             )
         return rows
-
-
-def _sig(x: float) -> float:
-    """Four significant digits: attention KLs range from 1e-12 (exact) to order 1."""
-    return float(f"{x:.4g}")
 
 
 def fold_pair_(teacher: nn.Module, student: nn.Module) -> list[str]:

@@ -8,6 +8,7 @@ and neuron plans, merge profile, timings, evaluation if any), ``report.md`` and 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ def report_data(
         "attention_kl": (
             {
                 "windows": sol.recipe.attention_kl_windows,
-                "per_group": [[float(f"{v:.4g}") for v in row] for row in sol.attention_kl],
+                "per_group": [[sig4(v) for v in row] for row in sol.attention_kl],
             }
             if sol.attention_kl
             else None
@@ -59,6 +60,11 @@ def report_data(
         "timings": clock.rows if clock else [],
         "evaluation": evaluation,
     }
+
+
+def sig4(x: float) -> float | None:
+    """Four significant digits (attention KLs span 1e-17 to 1); NaN as null for strict JSON."""
+    return None if math.isnan(x) else float(f"{x:.4g}")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
