@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from gradfree.capture import load_capture
-from gradfree.compress import capture_pair, fold_pair_, make_recipe, merge, project
+from gradfree.compress import (
+    capture_pair,
+    fold_pair_,
+    make_recipe,
+    measure_attention_kl,
+    merge,
+    project,
+)
 from gradfree.corpora import load_corpus
 from gradfree.evaluate import evaluate
 from gradfree.models import load_model
@@ -119,6 +126,9 @@ def main() -> None:
             with clock.stage(f"merge {name}"):
                 rm = parse_variant(rb, m)
                 sol = merge(proj, t.model, s.model, cap, rm)
+            if rm.attention_kl_windows:
+                with clock.stage(f"attention KL {name}"):
+                    sol.attention_kl = measure_attention_kl(sol, t.model, s.tokenizer, calib, cap)
             run_eval(name, sol.model)
             results[name]["merge"] = sol.merge.describe() if sol.merge else None
             results[name]["profile"] = sol.merge_profile()

@@ -124,8 +124,7 @@ class Plan:
         return -(-self.n_windows // self.config.batch_size)
 
     def encode(self, text: str) -> list[int]:
-        enc = self.tokenizer(text, add_special_tokens=self.config.add_special_tokens, verbose=False)
-        return list(enc["input_ids"])
+        return encode(self.tokenizer, text, self.config.add_special_tokens)
 
     def iter_token_ids(self) -> Iterator[list[int]]:
         """Token ids of each document in order, tokenized on demand (never all held at once)."""
@@ -145,6 +144,31 @@ class Plan:
     def run_hash(self) -> str:
         docs = sha256_text(json.dumps(self.documents, sort_keys=True))
         return sha256_text(self.settings_hash() + docs)
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of one document, as every capture tokenizes it."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)
+    return list(enc["input_ids"])
+
+
+def token_windows(
+    tokenizer: Any,
+    documents: Sequence[Any],
+    max_length: int,
+    limit: int,
+    add_special_tokens: bool = True,
+) -> list[list[int]]:
+    """The first ``limit`` capture windows in corpus order: each document tokenized as a capture
+    does and cut into consecutive windows of at most ``max_length`` tokens."""
+    out: list[list[int]] = []
+    for text in _documents(documents)[1]:
+        ids = encode(tokenizer, text, add_special_tokens)
+        for start in range(0, len(ids), max_length):
+            if len(out) == limit:
+                return out
+            out.append(ids[start : start + max_length])
+    return out
 
 
 def _documents(documents: Sequence[Any]) -> tuple[list[str], list[str]]:

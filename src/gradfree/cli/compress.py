@@ -65,6 +65,7 @@ def compress(
 
     table = Table(title=f"merge profile ({rec.merge})")
     cols = ["layer", "teacher_layer", "alpha_attn", "alpha_mlp", "alignment", "variance_preserved"]
+    cols += ["mutual_information", "attention_kl"]
     for c in cols:
         table.add_column(c)
     for row in sol.merge_profile():

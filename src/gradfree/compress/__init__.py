@@ -12,7 +12,8 @@ head-dim reduction and neuron selection/matching, then merged with the student
 Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
 (head plans), ``mlp`` (neuron plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and
 interpolation), ``distill`` (closed-form ridge of the readers), ``pipeline`` (the steps),
-``report`` (the output folder), ``planted`` (teachers built from a student, for tests).
+``attention_kl`` (attention KL per block and KV group against the teacher), ``report`` (the output
+folder), ``planted`` (teachers built from a student, for tests).
 """
 
 from gradfree.compress.pipeline import (
@@ -20,6 +21,7 @@ from gradfree.compress.pipeline import (
     capture_pair,
     compress,
     fold_pair_,
+    measure_attention_kl,
     merge,
     project,
     resolve_layer_map,
@@ -36,6 +38,7 @@ __all__ = [
     "fold_pair_",
     "load_recipe",
     "make_recipe",
+    "measure_attention_kl",
     "merge",
     "project",
     "resolve_layer_map",

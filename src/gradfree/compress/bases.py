@@ -18,6 +18,11 @@ A global basis pools the points (each normalised by its trace so that no depth d
 per-layer bases solve each point alone. The first token's massive activations (absmax ~1700 in a
 few dimensions of the Qwen2.5 residual) dominate the "all" second moments, which is what keeps
 those dimensions inside span(V); ``basis_stats="body"`` drops the first token instead.
+
+Diagnostics (body statistics, per point) include seed 000's "pairwise mutual information" under a
+joint-Gaussian model (:func:`~gradfree.solvers.gaussian_mutual_information`): the joint
+I(Vᵀx_T; x_S), the same for the whole teacher stream I(x_T; x_S) (its upper bound), and the mean
+per matched coordinate I((Vᵀx_T)_i; x_S,i), which alone depends on how V is aligned.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from gradfree.capture import Capture
 from gradfree.numerics import f64
 from gradfree.solvers import (
     align_tiers,
+    gaussian_mi_per_dim,
+    gaussian_mutual_information,
     joint_semi_orthogonal,
     linear_cka_from_stats,
     pca_basis,
@@ -126,6 +133,26 @@ def alignment_cosine(v: torch.Tensor, m: StreamMoments) -> float:
     return num / den if den > 0 else 0.0
 
 
+def mutual_information(
+    v: torch.Tensor, cov_t: torch.Tensor, cov_s: torch.Tensor, cross: torch.Tensor
+) -> dict[str, float]:
+    """Gaussian MI diagnostics of one point from centered Σ_T, Σ_S and C = Cov(x_T, x_S).
+
+    Canonical correlations ignore invertible maps, so V enters the joint MI only through span(V):
+    Vᵀx_T is x_T with the directions outside span(V) dropped, and the rotation that aligns V to
+    the student changes nothing. Hence ``mi_teacher`` = I(x_T; x_S) ≥ ``mutual_information`` =
+    I(Vᵀx_T; x_S), with equality when the truncation keeps everything x_T knows about x_S.
+    """
+    v64 = f64(v)
+    cov_p, cross_p = v64.T @ cov_t @ v64, v64.T @ cross  # moments of the projected teacher Vᵀx_T
+    per_dim = gaussian_mi_per_dim(torch.diagonal(cov_p), torch.diagonal(cov_s), cross_p.diagonal())
+    return {
+        "mutual_information": gaussian_mutual_information(cov_p, cov_s, cross_p),
+        "mi_teacher": gaussian_mutual_information(cov_t, cov_s, cross),
+        "mi_per_dim": float(per_dim.mean()),
+    }
+
+
 def residual_bases(
     cap: Capture,
     n_student: int,
@@ -149,6 +176,12 @@ def residual_bases(
     for p, ((tk, sk), v) in enumerate(zip(points, bases, strict=True)):
         body = read_moments(cap, tk, sk, "body")
         st, ss = cap.stats("teacher", tk, "body"), cap.stats("student", sk, "body")
+        mi = mutual_information(
+            v,
+            st.covariance(centered=True),
+            ss.covariance(centered=True),
+            cap.cross(tk, sk, "body").cross_covariance(centered=True),
+        )
         kt = float(st.excess_kurtosis().mean())
         ks = float(ss.excess_kurtosis().mean())
         out.diagnostics.append(
@@ -163,6 +196,7 @@ def residual_bases(
                 "kurtosis_student": ks,
                 "kurtosis_gap": kt - ks,
                 "transition_cost": transition_cost(v, bases[p + 1]) if p + 1 < len(bases) else 0.0,
+                **mi,
             }
         )
     return out

@@ -67,9 +67,13 @@ class Solution:
     model: nn.Module  # the result (the projected teacher itself when merge == "none")
     rope_gap: float
     config_changes: list[str] = field(default_factory=list)
+    # KL(teacher ‖ model) of attention, [block][KV group], when measured (see .attention_kl)
+    attention_kl: list[list[float]] | None = None
 
     def merge_profile(self) -> list[dict[str, Any]]:
         """Seed 000's merge profile: one row per student block."""
+        from gradfree.compress.report import sig4
+
         rows = []
         for j, d in enumerate(self.bases.diagnostics[:-1]):
             a_attn = self.merge.attn[j] if self.merge else [1.0]
@@ -92,6 +96,14 @@ class Solution:
                         sum(self.attention[j].similarity) / len(self.attention[j].similarity), 4
                     ),
                     "mlp_correlation": round(self.mlp[j].matched_correlation, 4),
+                    "mutual_information": round(d["mutual_information"], 3),
+                    "mi_teacher": round(d["mi_teacher"], 3),
+                    "mi_per_dim": round(d["mi_per_dim"], 4),
+                    "attention_kl": (
+                        sig4(sum(self.attention_kl[j]) / len(self.attention_kl[j]))
+                        if self.attention_kl
+                        else None
+                    ),
                 }
             )
         return rows
@@ -281,6 +293,7 @@ def merge(
             raise GradfreeError(f"The recipe's {f} differs from the projection's; project again.")
     sol = copy.copy(projection)
     sol.recipe = recipe
+    sol.attention_kl = None  # measured on a model; the merge makes a new one
     if recipe.merge == "none":
         return sol
     t, s = get_adapter(teacher), get_adapter(student)
@@ -344,6 +357,24 @@ def solve(
     return merge(proj, teacher, student, cap, recipe)
 
 
+def measure_attention_kl(
+    sol: Solution, teacher: nn.Module, tokenizer: Any, documents: Sequence[Any], cap: Capture
+) -> list[list[float]]:
+    """The attention KL of ``sol.model`` against the (folded) teacher per block and KV group, on
+    the first ``recipe.attention_kl_windows`` windows of the capture's tokenization."""
+    from gradfree.capture.plan import token_windows
+    from gradfree.compress.attention_kl import attention_kl
+
+    windows = token_windows(
+        tokenizer,
+        documents,
+        int(cap.config.get("max_length", sol.recipe.max_length)),
+        sol.recipe.attention_kl_windows,
+        bool(cap.config.get("add_special_tokens", True)),
+    )
+    return attention_kl(teacher, sol.model, sol.attention, sol.layer_map, windows)
+
+
 def compress(
     teacher: Any,
     student: Any,
@@ -393,6 +424,11 @@ def compress(
             )
         with clock.stage("solve + project + merge"):
             sol = solve(tm, sm, cap, recipe, config_changes=changes)
+        if recipe.attention_kl_windows:
+            with clock.stage("attention KL"):
+                sol.attention_kl = measure_attention_kl(
+                    sol, tm, _subject(student).tokenizer, documents, cap
+                )
         with clock.stage("write checkpoint"):
             save_checkpoint(sol.model, _subject(student).tokenizer, tmp)
         write_report(sol, tmp, clock=clock, inputs=inputs)

@@ -57,6 +57,9 @@ class CompressRecipe(BaseModel):
       embedding and the LM head keep the student's weights (α = 0): the per-layer α sweep.
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
       normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
+    * ``attention_kl_windows``: after solving, measure the attention KL per block and KV group of
+      the result against the teacher on the first N capture windows (0: off); see
+      :mod:`gradfree.compress.attention_kl`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +82,7 @@ class CompressRecipe(BaseModel):
     merge_layers: list[int] | None = None
     ridge_lambda: float = 1.0
     ridge_head: bool = False
+    attention_kl_windows: int = 2
     # capture
     max_length: int = 256
     batch_size: int = 2
@@ -108,6 +112,8 @@ class CompressRecipe(BaseModel):
             raise ValueError("alpha_grid values must be between 0 and 1")
         if self.merge_layers is not None and any(j < 0 for j in self.merge_layers):
             raise ValueError("merge_layers are student block indices (0 or more)")
+        if self.attention_kl_windows < 0:
+            raise ValueError("attention_kl_windows must be 0 (off) or a number of windows")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":

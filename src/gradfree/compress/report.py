@@ -8,6 +8,7 @@ and neuron plans, merge profile, timings, evaluation if any), ``report.md`` and 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +49,22 @@ def report_data(
         "mlp": [m.describe() for m in sol.mlp],
         "merge": sol.merge.describe() if sol.merge else None,
         "merge_profile": sol.merge_profile(),
+        "attention_kl": (
+            {
+                "windows": sol.recipe.attention_kl_windows,
+                "per_group": [[sig4(v) for v in row] for row in sol.attention_kl],
+            }
+            if sol.attention_kl
+            else None
+        ),
         "timings": clock.rows if clock else [],
         "evaluation": evaluation,
     }
+
+
+def sig4(x: float) -> float | None:
+    """Four significant digits (attention KLs span 1e-17 to 1); NaN as null for strict JSON."""
+    return None if math.isnan(x) else float(f"{x:.4g}")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -96,7 +110,25 @@ def plots(sol: Solution, folder: Path) -> list[str]:
             xlabel="student block",
             ylabel="alpha",
         ),
+        line_plot(
+            {k: (x, [float(r[k]) for r in prof]) for k in ("mutual_information", "mi_teacher")},
+            folder / "mutual_information.png",
+            title="Gaussian mutual information with the student stream (nats)",
+            xlabel="student block",
+            ylabel="nats",
+        ),
     ]
+    if sol.attention_kl:
+        kl = sol.attention_kl
+        written.append(
+            line_plot(
+                {f"group {g}": (x, [row[g] for row in kl]) for g in range(len(kl[0]))},
+                folder / "attention_kl.png",
+                title="attention KL(teacher ‖ result) per KV group",
+                xlabel="student block",
+                ylabel="nats per query position",
+            )
+        )
     return [str(p.name) for p in written]
 
 
@@ -135,6 +167,14 @@ def write_report(
         clock.table() if clock else "",
         "",
     ]
+    if data["attention_kl"]:
+        kl_rows = [
+            {"layer": j, **{f"group {g}": v for g, v in enumerate(row)}}
+            for j, row in enumerate(data["attention_kl"]["per_group"])
+        ]
+        windows = data["attention_kl"]["windows"]
+        md += [f"## Attention KL(teacher ‖ result) per KV group ({windows} windows)", ""]
+        md += [_table(kl_rows), ""]
     if evaluation:
         md += ["## Evaluation", "", "```", str(evaluation), "```", ""]
     write_text_atomic(folder / "report.md", "\n".join(md))

@@ -12,7 +12,8 @@ Modules: ``procrustes`` (orthogonal / semi-orthogonal / block-diagonal Procruste
 toward a prior from sufficient statistics, chunked for LM heads), ``assign`` (Hungarian matching,
 grouped, and Pearson correlation from statistics), ``layermap`` (linear CKA, monotone layer maps
 by dynamic programming), ``merge_alpha`` (closed-form merge weights), ``householder``
-(reflections as a closed-form refinement).
+(reflections as a closed-form refinement), ``information`` (Gaussian mutual information from
+canonical correlations, causal attention distributions and their KL).
 """
 
 from gradfree.solvers.assign import correlation_from_stats, grouped_hungarian, hungarian
@@ -23,6 +24,14 @@ from gradfree.solvers.householder import (
     householder_from_vectors,
     refine_with_reflections,
     reflection_gain,
+)
+from gradfree.solvers.information import (
+    canonical_correlations,
+    causal_attention_logprobs,
+    gaussian_mi_per_dim,
+    gaussian_mutual_information,
+    kl_rows,
+    mi_from_correlations,
 )
 from gradfree.solvers.layermap import (
     linear_cka_from_moments,
@@ -60,16 +69,22 @@ __all__ = [
     "best_reflection",
     "best_reflection_from_cross",
     "blockwise_procrustes",
+    "canonical_correlations",
+    "causal_attention_logprobs",
     "correlation_from_stats",
+    "gaussian_mi_per_dim",
+    "gaussian_mutual_information",
     "geodesic_average",
     "grouped_hungarian",
     "householder_from_vectors",
     "hungarian",
     "iter_ridge_chunks",
     "joint_semi_orthogonal",
+    "kl_rows",
     "linear_cka_from_moments",
     "linear_cka_from_stats",
     "linear_loss_from_stats",
+    "mi_from_correlations",
     "monotone_layer_map",
     "optimal_alpha",
     "optimal_alpha_per_row",
