@@ -37,6 +37,12 @@ class CompressRecipe(BaseModel):
       per block and KV group from the captured statistics), "ridge" (closed-form layer-wise
       distillation of every reader linear toward the teacher, ridge ``ridge_lambda`` toward the
       student's weights).
+    * ``kv``: "rotate" (the teacher's keys/values projected into the student's head shape) or
+      "reuse" (seed 000's KV-basis reuse: the student's k/v projections are kept, the teacher's
+      queries are turned into the student's key coordinates by a per-RoPE-pair SO(2) rotation and
+      o reads the student's values through a least-squares map; in a merge only q and o mix).
+    * ``head_rotation``: value compression per KV group ("block_diagonal", one P_g per group) or
+      "dense" (seed 000's ablation: one PCA over all value dims, groups mixed).
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
       normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
     """
@@ -53,6 +59,8 @@ class CompressRecipe(BaseModel):
     head_match: Literal["hungarian", "none"] = "hungarian"
     value_align: bool = True
     mlp_match: Literal["hungarian", "none"] = "hungarian"
+    kv: Literal["rotate", "reuse"] = "rotate"
+    head_rotation: Literal["block_diagonal", "dense"] = "block_diagonal"
     merge: Merge = "optimal"
     alpha: float = 0.5
     alignment_threshold: float = 0.3
@@ -86,6 +94,11 @@ class CompressRecipe(BaseModel):
             raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
+        if self.kv == "reuse" and self.head_rotation == "dense":
+            raise ValueError(
+                "head_rotation 'dense' compresses the teacher's values, which kv 'reuse' replaces "
+                "by the student's"
+            )
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
             raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
         return self
