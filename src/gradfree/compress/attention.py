@@ -166,18 +166,32 @@ def plan_attention(
         for a, c in enumerate(cols):
             head_map[sh[c]] = chosen[a]
             sims[sh[c]] = float(sim[a, c])
-    plan = AttentionPlan(tl, head_map, qk_dims, math.sqrt(hs / ht), [], imp_t, sims)
-    plan.kv, plan.head_rotation = kv, head_rotation
+    rots: list[torch.Tensor] = []
+    k_align: list[float] = []
+    dense = None
     if kv == "reuse":
-        plan.key_rotations, plan.key_alignment = key_rotations(cap, t, s, j, tl, qk_dims)
-        plan.values, plan.value_alignment = student_value_maps(cap, t, s, j, tl)
+        rots, k_align = key_rotations(cap, t, s, j, tl, qk_dims)
+        values, v_align = student_value_maps(cap, t, s, j, tl)
     elif head_rotation == "dense":
-        p, plan.values, plan.value_alignment = dense_values(cap, t, s, j, tl, align=value_align)
-        plan.dense_values = p
+        dense, values, v_align = dense_values(cap, t, s, j, tl, align=value_align)
     else:
-        plan.values, plan.value_alignment = value_bases(cap, t, s, j, tl, align=value_align)
-    plan.value_variance = value_variance(cap, t, s, tl, plan.dense_values)
-    return plan
+        values, v_align = value_bases(cap, t, s, j, tl, align=value_align)
+    return AttentionPlan(
+        tl,
+        head_map,
+        qk_dims,
+        math.sqrt(hs / ht),
+        values,
+        imp_t,
+        sims,
+        v_align,
+        kv=kv,
+        head_rotation=head_rotation,
+        key_rotations=rots,
+        key_alignment=k_align,
+        dense_values=dense,
+        value_variance=value_variance(cap, t, s, tl, dense),
+    )
 
 
 def value_bases(
