@@ -10,10 +10,11 @@ head-dim reduction and neuron selection/matching, then merged with the student
     sol, out = compress(teacher, student, docs, "out/c", recipe)
 
 Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
-(head plans), ``mlp`` (neuron plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and
-interpolation), ``distill`` (closed-form ridge of the readers), ``pipeline`` (the steps),
-``attention_kl`` (attention KL per block and KV group against the teacher), ``report`` (the output
-folder), ``planted`` (teachers built from a student, for tests).
+(head plans), ``kv`` (seed 000's KV-basis reuse and dense value ablation), ``mlp`` (neuron
+plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and interpolation), ``distill``
+(closed-form ridge of the readers), ``pipeline`` (the steps), ``attention_kl`` (attention KL per
+block and KV group against the teacher), ``report`` (the output folder), ``planted`` (teachers
+built from a student, for tests).
 """
 
 from gradfree.compress.pipeline import (

@@ -20,6 +20,8 @@ pairs a reduced query/key head keeps, and the per-KV-head value compression.
 * Values: per KV head the top-h_S principal directions P_g of the teacher's values; a is a convex
   mix of values, so O_h P_g P_gᵀ a_h is exact on span(P_g). With ``value_align`` P_g is rotated by
   Procrustes onto the student's value coordinates (needed for merging).
+* ``kv="reuse"`` (student keys/values kept, queries turned into the student's key coordinates)
+  and ``head_rotation="dense"`` (one value PCA over all groups) are in :mod:`.kv`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from gradfree.adapters import LayerAdapter, ModelAdapter
 from gradfree.capture import Capture
+from gradfree.compress.kv import dense_values, key_rotations, student_value_maps, value_variance
 from gradfree.errors import GradfreeError
 from gradfree.numerics import f64
 from gradfree.solvers import hungarian, pca_basis, procrustes_from_cross
@@ -40,7 +43,11 @@ from gradfree.solvers import hungarian, pca_basis, procrustes_from_cross
 @dataclass
 class AttentionPlan:
     """Head map of one student block: ``head_map[s]`` = teacher head feeding student head s
-    (−1: none), ``qk_dims`` teacher in-head dims per student dim, ``values[g]`` (h_T×h_S)."""
+    (−1: none), ``qk_dims`` teacher in-head dims per student dim, ``values[g]`` (h_T×h_S): what o
+    of a group-g teacher head reads the student-shaped values through (P_g, the dense P's block
+    g, or with ``kv="reuse"`` the map M_g of the student's values onto the teacher's).
+    ``key_rotations[g]`` (``kv="reuse"`` only): R_g with R_g k_T[qk_dims] ≈ k_S; ``dense_values``
+    (``head_rotation="dense"`` only): P (kv_dim_T×kv_dim_S)."""
 
     teacher_layer: int
     head_map: list[int]
@@ -50,15 +57,33 @@ class AttentionPlan:
     importance: list[float]
     similarity: list[float]
     value_alignment: list[float] = field(default_factory=list)
+    kv: str = "rotate"
+    head_rotation: str = "block_diagonal"
+    key_rotations: list[torch.Tensor] = field(default_factory=list)
+    key_alignment: list[float] = field(default_factory=list)
+    dense_values: torch.Tensor | None = None
+    value_variance: dict[str, float] = field(default_factory=dict)
+
+    def group_certainty(self) -> list[float]:
+        """Per KV group, the weakest of its value (and, with reused keys, key) cosines."""
+        if not self.key_alignment:
+            return list(self.value_alignment)
+        return [min(v, k) for v, k in zip(self.value_alignment, self.key_alignment, strict=True)]
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "teacher_layer": self.teacher_layer,
             "head_map": self.head_map,
             "q_scale": self.q_scale,
+            "kv": self.kv,
+            "head_rotation": self.head_rotation,
             "head_similarity": [round(s, 4) for s in self.similarity],
             "value_alignment": [round(s, 4) for s in self.value_alignment],
+            "value_variance": {k: round(v, 4) for k, v in self.value_variance.items()},
         }
+        if self.key_alignment:
+            out["key_alignment"] = [round(s, 4) for s in self.key_alignment]
+        return out
 
 
 def check_geometry(t: ModelAdapter, s: ModelAdapter) -> None:
@@ -104,6 +129,8 @@ def plan_attention(
     select: str = "importance",
     match: str = "hungarian",
     value_align: bool = True,
+    kv: str = "rotate",
+    head_rotation: str = "block_diagonal",
 ) -> AttentionPlan:
     """The head plan of student block ``j`` fed by teacher block ``tl``."""
     gt, gs = t.geometry, s.geometry
@@ -139,8 +166,32 @@ def plan_attention(
         for a, c in enumerate(cols):
             head_map[sh[c]] = chosen[a]
             sims[sh[c]] = float(sim[a, c])
-    values, v_align = value_bases(cap, t, s, j, tl, align=value_align)
-    return AttentionPlan(tl, head_map, qk_dims, math.sqrt(hs / ht), values, imp_t, sims, v_align)
+    rots: list[torch.Tensor] = []
+    k_align: list[float] = []
+    dense = None
+    if kv == "reuse":
+        rots, k_align = key_rotations(cap, t, s, j, tl, qk_dims)
+        values, v_align = student_value_maps(cap, t, s, j, tl)
+    elif head_rotation == "dense":
+        dense, values, v_align = dense_values(cap, t, s, j, tl, align=value_align)
+    else:
+        values, v_align = value_bases(cap, t, s, j, tl, align=value_align)
+    return AttentionPlan(
+        tl,
+        head_map,
+        qk_dims,
+        math.sqrt(hs / ht),
+        values,
+        imp_t,
+        sims,
+        v_align,
+        kv=kv,
+        head_rotation=head_rotation,
+        key_rotations=rots,
+        key_alignment=k_align,
+        dense_values=dense,
+        value_variance=value_variance(cap, t, s, tl, dense),
+    )
 
 
 def value_bases(

@@ -10,6 +10,7 @@ Y_T = W'_T u the projected teacher's outputs on the teacher's own inputs (u as i
 :func:`gradfree.solvers.ridge_from_stats` does the solve; λ is relative to the mean of
 diag(E[x̃ x̃ᵀ]). This is "activation-informed merging" at the granularity of output rows. Inputs
 are the *student's* captured inputs, not recaptured through already-updated layers (one pass).
+With ``kv="reuse"`` only the q rows are fitted: k/v are the student's on both sides.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def ridge_readers_(
             qr, kr = attn_group_rows(mm, attn[j], g)
             if len(qr):
                 _fit_rows_(lm.q_proj, ls.q_proj, lp.q_proj, a, m, lam, qr)
-            _fit_rows_(lm.k_proj, ls.k_proj, lp.k_proj, a, m, lam, kr)
-            _fit_rows_(lm.v_proj, ls.v_proj, lp.v_proj, a, m, lam, kr)
+            if attn[j].kv != "reuse":  # reuse: k/v are the student's, nothing to fit
+                _fit_rows_(lm.k_proj, ls.k_proj, lp.k_proj, a, m, lam, kr)
+                _fit_rows_(lm.v_proj, ls.v_proj, lp.v_proj, a, m, lam, kr)
         a, m = reader_moments(cap, f"blocks.{tl}.mlp_in", f"blocks.{j}.mlp_in", v_in, c)
         _fit_rows_(lm.gate_proj, ls.gate_proj, lp.gate_proj, a, m, lam)
         _fit_rows_(lm.up_proj, ls.up_proj, lp.up_proj, a, m, lam)

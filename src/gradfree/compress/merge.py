@@ -15,7 +15,10 @@ student's residual, head and neuron coordinates), so a convex combination is mea
   teacher×student cross-moment), so the LM head's 151,936 rows are processed in chunks. A writer
   (o, down) takes the α of its block's readers.
 
-Student heads without a teacher head keep the student's weights (α = 0 for them).
+Student heads without a teacher head keep the student's weights (α = 0 for them). With
+``kv="reuse"`` the projected teacher's k/v (and k_norm) are the student's, so they are not
+interpolated at all (α = 0 for k/v: the student's bits are kept); α, optimal or not, is that of the
+query rows, and the alignment α of a group uses the weaker of its value and key cosines.
 """
 
 from __future__ import annotations
@@ -141,11 +144,10 @@ def optimal_plan(
         for g in range(s.geometry.num_kv_heads):
             qr, kr = attn_group_rows(s, attn[j], g)
             num = den = 0.0
-            for lin_s, lin_p, rows in (
-                (ls.q_proj, lp.q_proj, qr),
-                (ls.k_proj, lp.k_proj, kr),
-                (ls.v_proj, lp.v_proj, kr),
-            ):
+            readers = [(ls.q_proj, lp.q_proj, qr)]
+            if attn[j].kv != "reuse":
+                readers += [(ls.k_proj, lp.k_proj, kr), (ls.v_proj, lp.v_proj, kr)]
+            for lin_s, lin_p, rows in readers:
                 n_, d_ = alpha_terms(a, m, _aug(lin_s, rows), _aug(lin_p, rows))
                 num, den = num + n_, den + d_
             row.append(_clip_alpha(num, den))
@@ -168,12 +170,12 @@ def alignment_plan(
     alpha: float,
     threshold: float,
 ) -> MergePlan:
-    """α = alpha · cosine, 0 below ``threshold``."""
+    """α = alpha · cosine, 0 below ``threshold`` (attention: each group's certainty)."""
 
     def f(cos: float) -> float:
         return alpha * max(cos, 0.0) if cos >= threshold else 0.0
 
-    a_attn = [[f(cv) for cv in attn[j].value_alignment] for j in range(n_layers)]
+    a_attn = [[f(cv) for cv in attn[j].group_certainty()] for j in range(n_layers)]
     a_mlp = [f(diagnostics[j]["alignment_cosine"]) for j in range(n_layers)]
     head = f(diagnostics[-1]["alignment_cosine"])
     return MergePlan("alignment", a_attn, a_mlp, head, head)
@@ -241,15 +243,17 @@ def merge_models(
     _lerp_(m.lm_head, p.lm_head, plan.head)
     for j in range(m.num_layers):
         lm, lp = m.layer(j), p.layer(j)
+        reuse = attn[j].kv == "reuse"
         for g in range(m.geometry.num_kv_heads):
             a = plan.attn[j][g]
             qr, kr = attn_group_rows(m, attn[j], g)
             _lerp_(lm.q_proj, lp.q_proj, a, rows=qr)
-            _lerp_(lm.k_proj, lp.k_proj, a, rows=kr)
-            _lerp_(lm.v_proj, lp.v_proj, a, rows=kr)
+            if not reuse:  # reuse: the student's k/v stay bit for bit (no float64 round trip)
+                _lerp_(lm.k_proj, lp.k_proj, a, rows=kr)
+                _lerp_(lm.v_proj, lp.v_proj, a, rows=kr)
             _lerp_(lm.o_proj, lp.o_proj, a, cols=qr)
         mean_a = sum(plan.attn[j]) / len(plan.attn[j])
-        for name in ("q_norm", "k_norm"):
+        for name in ("q_norm",) if reuse else ("q_norm", "k_norm"):
             nm, np_ = getattr(lm, name), getattr(lp, name)
             if nm is not None and np_ is not None:
                 _lerp_(nm, np_, mean_a)

@@ -49,8 +49,20 @@ from gradfree.layermap import resolve_map
 from gradfree.provenance import Stopwatch
 from gradfree.surgery import fuse_norms_
 
-CAPTURE_SITES = ["resid_pre", "attn_in", "mlp_in", "attn_heads", "mlp_hidden", "v", "final.normed"]
-CROSS_SITES = ["resid_pre", "attn_in", "mlp_in", "attn_heads", "v", "final.normed"]
+# k_pre (kv_dim wide, so as cheap as v) serves kv="reuse": its teacher×student cross-moment is what
+# the per-pair key rotation is solved from. It is captured for every recipe so that one capture
+# serves every variant (scripts/compress_real.py solves many recipes from one capture).
+CAPTURE_SITES = [
+    "resid_pre",
+    "attn_in",
+    "mlp_in",
+    "attn_heads",
+    "mlp_hidden",
+    "k_pre",
+    "v",
+    "final.normed",
+]
+CROSS_SITES = ["resid_pre", "attn_in", "mlp_in", "attn_heads", "k_pre", "v", "final.normed"]
 
 
 @dataclass
@@ -85,7 +97,7 @@ class Solution:
                     "alpha_attn": [round(a, 4) for a in a_attn],
                     "alpha_mlp": round(a_mlp, 4),
                     "certainty": round(
-                        min([*self.attention[j].value_alignment, d["alignment_cosine"]]), 4
+                        min([*self.attention[j].group_certainty(), d["alignment_cosine"]]), 4
                     ),
                     "alignment": round(d["alignment_cosine"], 4),
                     "cka": round(d["cka"], 4),
@@ -253,6 +265,8 @@ def project(
             select=recipe.head_select,
             match=recipe.head_match,
             value_align=recipe.value_align,
+            kv=recipe.kv,
+            head_rotation=recipe.head_rotation,
         )
         for j in range(s.num_layers)
     ]

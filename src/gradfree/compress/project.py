@@ -16,6 +16,14 @@ the mapped teacher head (q scaled by √(h_S/h_T), or Qwen3's q_norm weight when
 q_norm, which would undo a scale of q), values are compressed by P_g, o reads through P_g, MLP
 neurons are selected, ordered and sign-flipped. The result is a copy of the student's module
 tree with the teacher's projected weights: same config, same parameter names.
+
+With ``kv="reuse"`` (:mod:`.kv`) k_proj, v_proj, their biases and k_norm stay the student's (the
+copy already holds them); each query head's rows and bias are turned by its group's R_g and o reads
+the student's values through M_g. Qwen3's q_norm weight w acts after the rotation, and
+diag(w') R ≠ R diag(w) unless w is equal on the two dims of each pair; one w' is shared by every
+head, so it gets the least-squares diagonal of the R_g diag(w) R_gᵀ, averaged over the groups
+(exact when every R_g = I, as on a planted pair). With ``head_rotation="dense"`` v_proj is
+Pᵀ W_v (all groups mixed).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradfree.adapters import get_adapter
+from gradfree.adapters import HeadGeometry, LayerAdapter, get_adapter
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
 from gradfree.compress.mlp import MlpPlan
@@ -68,72 +76,113 @@ def project_teacher(
     dtype = param(s.embed_tokens).dtype
     assign_(p.embed_tokens, "weight", _rows_times(param(t.embed_tokens), bases.read(0), 1.0, dtype))
     assign_(p.lm_head, "weight", _rows_times(param(t.lm_head), bases.bases[-1], c, dtype))
-    gt, gs = t.geometry, s.geometry
-    ht, hs = gt.head_dim, gs.head_dim
     for j in range(s.num_layers):
         lt, lp = t.layer(layer_map[j]), p.layer(j)
         v_in, v_out = f64(bases.read(j)), f64(bases.write(j))
-        plan = attn[j]
-        dims = plan.qk_dims
-        qk_norm = lt.q_norm is not None and lp.q_norm is not None
-        q_scale = 1.0 if qk_norm else plan.q_scale
-        wq, bq = f64(param(lt.q_proj)), maybe_param(lt.q_proj, "bias")
-        wk, bk = f64(param(lt.k_proj)), maybe_param(lt.k_proj, "bias")
-        wv, bv = f64(param(lt.v_proj)), maybe_param(lt.v_proj, "bias")
-        wo = f64(param(lt.o_proj))
-        q = torch.zeros(gs.q_dim, s.hidden_size, dtype=torch.float64)
-        qb = torch.zeros(gs.q_dim, dtype=torch.float64)
-        o = torch.zeros(s.hidden_size, gs.q_dim, dtype=torch.float64)
-        for sh, th in enumerate(plan.head_map):
-            if th < 0:
-                continue  # no teacher head: zero output weights (see attention.py)
-            rows = th * ht + dims
-            g = gs.kv_group(sh)
-            q[sh * hs : (sh + 1) * hs] = q_scale * c * wq[rows] @ v_in
-            if bq is not None:
-                qb[sh * hs : (sh + 1) * hs] = q_scale * f64(bq)[rows]
-            o[:, sh * hs : (sh + 1) * hs] = (
-                v_out.T @ wo[:, th * ht : (th + 1) * ht] @ plan.values[g]
-            )
-        k = torch.zeros(gs.kv_dim, s.hidden_size, dtype=torch.float64)
-        kb = torch.zeros(gs.kv_dim, dtype=torch.float64)
-        v = torch.zeros_like(k)
-        vb = torch.zeros_like(kb)
-        for g in range(gs.num_kv_heads):
-            rows = g * ht + dims
-            blk = slice(g * hs, (g + 1) * hs)
-            pg = plan.values[g]
-            k[blk] = c * wk[rows] @ v_in
-            v[blk] = c * pg.T @ wv[g * ht : (g + 1) * ht] @ v_in
-            if bk is not None:
-                kb[blk] = f64(bk)[rows]
-            if bv is not None:
-                vb[blk] = pg.T @ f64(bv)[g * ht : (g + 1) * ht]
-        assign_(lp.q_proj, "weight", q)
-        assign_(lp.k_proj, "weight", k)
-        assign_(lp.v_proj, "weight", v)
-        assign_(lp.o_proj, "weight", o)
-        _set(lp.q_proj, "bias", qb)
-        _set(lp.k_proj, "bias", kb)
-        _set(lp.v_proj, "bias", vb)
-        bo = maybe_param(lt.o_proj, "bias")
-        if bo is not None:
-            _set(lp.o_proj, "bias", v_out.T @ f64(bo))
-        if qk_norm and lt.q_norm is not None and lp.q_norm is not None:
-            assign_(lp.q_norm, "weight", f64(param(lt.q_norm))[dims] * plan.q_scale)
-        if lt.k_norm is not None and lp.k_norm is not None:
-            assign_(lp.k_norm, "weight", f64(param(lt.k_norm))[dims])
-        m = mlp[j]
-        idx, sg = m.neurons, m.signs
-        assign_(lp.gate_proj, "weight", c * f64(param(lt.gate_proj))[idx] @ v_in)
-        assign_(lp.up_proj, "weight", c * sg[:, None] * f64(param(lt.up_proj))[idx] @ v_in)
-        assign_(lp.down_proj, "weight", v_out.T @ f64(param(lt.down_proj))[:, idx] * sg[None, :])
-        for name, lin, sign in (("gate", lt.gate_proj, None), ("up", lt.up_proj, sg)):
-            b = maybe_param(lin, "bias")
-            if b is not None:
-                bb = f64(b)[idx] * (sign if sign is not None else 1.0)
-                _set(getattr(lp, f"{name}_proj"), "bias", bb)
-        bd = maybe_param(lt.down_proj, "bias")
-        if bd is not None:
-            _set(lp.down_proj, "bias", v_out.T @ f64(bd))
+        _project_qo_(lp, lt, attn[j], c, v_in, v_out, s.geometry)
+        if attn[j].kv != "reuse":  # reuse: the copy already holds the student's k/v and k_norm
+            _project_kv_(lp, lt, attn[j], c, v_in)
+        _project_mlp_(lp, lt, mlp[j], c, v_in, v_out)
     return out
+
+
+def _project_qo_(
+    lp: LayerAdapter,
+    lt: LayerAdapter,
+    plan: AttentionPlan,
+    c: float,
+    v_in: torch.Tensor,
+    v_out: torch.Tensor,
+    gs: HeadGeometry,
+) -> None:
+    """Each matched teacher head's query rows (selected RoPE dims; turned by R_g when keys are
+    reused) and o columns (reading the values through ``plan.values[g]``)."""
+    ht, hs = plan.values[0].shape
+    dims = plan.qk_dims
+    reuse = plan.kv == "reuse"
+    qk_norm = lt.q_norm is not None and lp.q_norm is not None
+    q_scale = 1.0 if qk_norm else plan.q_scale  # a q_norm would undo a scale of q's rows
+    wq, bq = f64(param(lt.q_proj)), maybe_param(lt.q_proj, "bias")
+    wo = f64(param(lt.o_proj))
+    q = torch.zeros(gs.q_dim, v_in.shape[1], dtype=torch.float64)
+    qb = torch.zeros(gs.q_dim, dtype=torch.float64)
+    o = torch.zeros(v_out.shape[1], gs.q_dim, dtype=torch.float64)
+    for sh, th in enumerate(plan.head_map):
+        if th < 0:
+            continue  # no teacher head: zero output weights (see attention.py)
+        rows, blk, g = th * ht + dims, slice(sh * hs, (sh + 1) * hs), gs.kv_group(sh)
+        turn = plan.key_rotations[g] if reuse else torch.eye(hs, dtype=torch.float64)
+        q[blk] = q_scale * c * turn @ wq[rows] @ v_in
+        if bq is not None:
+            qb[blk] = q_scale * turn @ f64(bq)[rows]
+        o[:, blk] = v_out.T @ wo[:, th * ht : (th + 1) * ht] @ plan.values[g]
+    assign_(lp.q_proj, "weight", q)
+    assign_(lp.o_proj, "weight", o)
+    _set(lp.q_proj, "bias", qb)
+    bo = maybe_param(lt.o_proj, "bias")
+    if bo is not None:
+        _set(lp.o_proj, "bias", v_out.T @ f64(bo))
+    if qk_norm and lt.q_norm is not None and lp.q_norm is not None:
+        w = f64(param(lt.q_norm))[dims] * plan.q_scale
+        if reuse:  # diag(R diag(w) Rᵀ) = (R∘R) w, averaged over the groups (module docstring)
+            w = torch.stack([(r * r) @ w for r in plan.key_rotations]).mean(0)
+        assign_(lp.q_norm, "weight", w)
+
+
+def _project_kv_(
+    lp: LayerAdapter, lt: LayerAdapter, plan: AttentionPlan, c: float, v_in: torch.Tensor
+) -> None:
+    """The teacher's k, v and k_norm in the student's head shape: k keeps the selected RoPE dims of
+    every KV group, v is compressed by P_g per group or, dense, by one P over all groups."""
+    ht, hs = plan.values[0].shape
+    n_groups = len(plan.values)
+    dims = plan.qk_dims
+    wk, bk = f64(param(lt.k_proj)), maybe_param(lt.k_proj, "bias")
+    wv, bv = f64(param(lt.v_proj)), maybe_param(lt.v_proj, "bias")
+    k = torch.zeros(n_groups * hs, v_in.shape[1], dtype=torch.float64)
+    kb = torch.zeros(n_groups * hs, dtype=torch.float64)
+    v = torch.zeros_like(k)
+    vb = torch.zeros_like(kb)
+    for g in range(n_groups):
+        rows, blk, tg = g * ht + dims, slice(g * hs, (g + 1) * hs), slice(g * ht, (g + 1) * ht)
+        k[blk] = c * wk[rows] @ v_in
+        if bk is not None:
+            kb[blk] = f64(bk)[rows]
+        if plan.dense_values is None:
+            v[blk] = c * plan.values[g].T @ wv[tg] @ v_in
+            if bv is not None:
+                vb[blk] = plan.values[g].T @ f64(bv)[tg]
+    if plan.dense_values is not None:
+        p = f64(plan.dense_values)
+        v = c * p.T @ wv @ v_in
+        if bv is not None:
+            vb = p.T @ f64(bv)
+    assign_(lp.k_proj, "weight", k)
+    assign_(lp.v_proj, "weight", v)
+    _set(lp.k_proj, "bias", kb)
+    _set(lp.v_proj, "bias", vb)
+    if lt.k_norm is not None and lp.k_norm is not None:
+        assign_(lp.k_norm, "weight", f64(param(lt.k_norm))[dims])
+
+
+def _project_mlp_(
+    lp: LayerAdapter,
+    lt: LayerAdapter,
+    m: MlpPlan,
+    c: float,
+    v_in: torch.Tensor,
+    v_out: torch.Tensor,
+) -> None:
+    """The teacher's selected, ordered and sign-flipped neurons."""
+    idx, sg = m.neurons, m.signs
+    assign_(lp.gate_proj, "weight", c * f64(param(lt.gate_proj))[idx] @ v_in)
+    assign_(lp.up_proj, "weight", c * sg[:, None] * f64(param(lt.up_proj))[idx] @ v_in)
+    assign_(lp.down_proj, "weight", v_out.T @ f64(param(lt.down_proj))[:, idx] * sg[None, :])
+    for name, lin, sign in (("gate", lt.gate_proj, None), ("up", lt.up_proj, sg)):
+        b = maybe_param(lin, "bias")
+        if b is not None:
+            bb = f64(b)[idx] * (sign if sign is not None else 1.0)
+            _set(getattr(lp, f"{name}_proj"), "bias", bb)
+    bd = maybe_param(lt.down_proj, "bias")
+    if bd is not None:
+        _set(lp.down_proj, "bias", v_out.T @ f64(bd))

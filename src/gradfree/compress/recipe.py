@@ -30,6 +30,8 @@ PROJECTION_FIELDS = (
     "head_match",
     "value_align",
     "mlp_match",
+    "kv",
+    "head_rotation",
 )
 
 
@@ -55,6 +57,12 @@ class CompressRecipe(BaseModel):
       needs a validation set, which ``gradfree experiment`` provides.
     * ``merge_layers``: when given, only these student blocks are merged; every other block, the
       embedding and the LM head keep the student's weights (α = 0): the per-layer α sweep.
+    * ``kv``: "rotate" (the teacher's keys/values projected into the student's head shape) or
+      "reuse" (seed 000's KV-basis reuse: the student's k/v projections are kept, the teacher's
+      queries are turned into the student's key coordinates by a per-RoPE-pair SO(2) rotation and
+      o reads the student's values through a least-squares map; in a merge only q and o mix).
+    * ``head_rotation``: value compression per KV group ("block_diagonal", one P_g per group) or
+      "dense" (seed 000's ablation: one PCA over all value dims, groups mixed).
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
       normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
     * ``attention_kl_windows``: after solving, measure the attention KL per block and KV group of
@@ -74,6 +82,8 @@ class CompressRecipe(BaseModel):
     head_match: Literal["hungarian", "none"] = "hungarian"
     value_align: bool = True
     mlp_match: Literal["hungarian", "none"] = "hungarian"
+    kv: Literal["rotate", "reuse"] = "rotate"
+    head_rotation: Literal["block_diagonal", "dense"] = "block_diagonal"
     merge: Merge = "optimal"
     alpha: float = 0.5
     alignment_threshold: float = 0.3
@@ -116,6 +126,11 @@ class CompressRecipe(BaseModel):
             raise ValueError("attention_kl_windows must be 0 (off) or a number of windows")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
+        if self.kv == "reuse" and self.head_rotation == "dense":
+            raise ValueError(
+                "head_rotation 'dense' compresses the teacher's values, which kv 'reuse' replaces "
+                "by the student's"
+            )
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
             raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
         return self

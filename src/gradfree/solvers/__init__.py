@@ -13,7 +13,8 @@ toward a prior from sufficient statistics, chunked for LM heads), ``assign`` (Hu
 grouped, and Pearson correlation from statistics), ``layermap`` (linear CKA, monotone layer maps
 by dynamic programming), ``merge_alpha`` (closed-form merge weights), ``householder``
 (reflections as a closed-form refinement), ``information`` (Gaussian mutual information from
-canonical correlations, causal attention distributions and their KL).
+canonical correlations, causal attention distributions and their KL), ``rope_pairs``
+(per-frequency-pair SO(2) rotations that commute with RoPE, and their Procrustes).
 """
 
 from gradfree.solvers.assign import correlation_from_stats, grouped_hungarian, hungarian
@@ -57,6 +58,7 @@ from gradfree.solvers.ridge import (
     ridge_from_stats,
     ridge_from_stats_chunked,
 )
+from gradfree.solvers.rope_pairs import pair_rotation, rope_pair_procrustes
 from gradfree.solvers.tiers import (
     align_tiers,
     joint_semi_orthogonal,
@@ -88,6 +90,7 @@ __all__ = [
     "monotone_layer_map",
     "optimal_alpha",
     "optimal_alpha_per_row",
+    "pair_rotation",
     "pca_basis",
     "principal_angles",
     "procrustes",
@@ -99,6 +102,7 @@ __all__ = [
     "resolve_lambda",
     "ridge_from_stats",
     "ridge_from_stats_chunked",
+    "rope_pair_procrustes",
     "semi_orthogonal_map",
     "transition_cost",
     "two_tier_basis",
