@@ -11,7 +11,8 @@ head-dim reduction and neuron selection/matching, then merged with the student
 
 Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
 (head plans), ``mlp`` (neuron plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and
-interpolation), ``distill`` (closed-form ridge of the readers), ``pipeline`` (the steps),
+interpolation), ``distill`` (closed-form ridge of the readers), ``recapture`` (the ridge fitted
+block by block from recaptured inputs), ``pipeline`` (the steps),
 ``report`` (the output folder), ``planted`` (teachers built from a student, for tests).
 """
 

@@ -4,6 +4,7 @@
     layer_map = resolve_layer_map(recipe, teacher, student)
     cap = capture_pair(teacher, student, docs, folder, recipe, layer_map)
     sol = solve(teacher, student, cap, recipe)           # bases, plans, projected, merged
+    # ridge_recapture: solve(..., documents=docs, tokenizer=tok) recaptures block by block
     save_checkpoint(sol.model, tokenizer, out); write_report(sol, out)
 
 :func:`compress` runs them all. One capture serves many recipes (``solve`` only reads it), which
@@ -42,6 +43,7 @@ from gradfree.compress.merge import (
 )
 from gradfree.compress.mlp import MlpPlan, plan_mlp
 from gradfree.compress.project import project_teacher
+from gradfree.compress.recapture import require_calibration, ridge_recaptured_
 from gradfree.compress.recipe import CompressRecipe, make_recipe
 from gradfree.errors import GradfreeError
 from gradfree.layermap import resolve_map
@@ -66,6 +68,7 @@ class Solution:
     model: nn.Module  # the result (the projected teacher itself when merge == "none")
     rope_gap: float
     config_changes: list[str] = field(default_factory=list)
+    recaptures: list[dict[str, Any]] = field(default_factory=list)  # ridge_recapture's passes
 
     def merge_profile(self) -> list[dict[str, Any]]:
         """Seed 000's merge profile: one row per student block."""
@@ -280,16 +283,23 @@ def merge(
     student: nn.Module,
     cap: Capture,
     recipe: CompressRecipe | dict[str, Any] | None = None,
+    *,
+    documents: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
 ) -> Solution:
     """Merge a projection (from :func:`project`) with the student as ``recipe.merge`` says.
 
     The recipe's projection fields must equal the projection's; only merge fields may differ, so
-    one projection serves every merge variant.
+    one projection serves every merge variant. ``documents`` and ``tokenizer`` (the calibration
+    documents of ``cap``) are needed only by ``ridge_recapture``, which recaptures with them.
     """
     recipe = make_recipe(recipe)
     for f in _PROJECTION_FIELDS:
         if getattr(recipe, f) != getattr(projection.recipe, f):
             raise GradfreeError(f"The recipe's {f} differs from the projection's; project again.")
+    if recipe.ridge_recapture:  # fail before the α plan, not after it
+        require_calibration(documents, tokenizer)
     sol = copy.copy(projection)
     sol.recipe = recipe
     if recipe.merge == "none":
@@ -316,7 +326,22 @@ def merge(
     if recipe.alpha_embed is not None:
         plan.embed = recipe.alpha_embed
     model = merge_models(student, projected, plan, attn)
-    if recipe.merge == "ridge":
+    if recipe.ridge_recapture:  # readers block by block, then the head, all from recaptures
+        sol.recaptures = ridge_recaptured_(
+            model,
+            student,
+            projected,
+            teacher,
+            projection.bases,
+            projection.layer_map,
+            attn,
+            c,
+            recipe,
+            documents,
+            tokenizer,
+            progress=progress,
+        )
+    elif recipe.merge == "ridge":
         ridge_readers_(
             model,
             student,
@@ -328,7 +353,7 @@ def merge(
             c,
             recipe.ridge_lambda,
         )
-    if recipe.ridge_head:
+    if recipe.ridge_head and not recipe.ridge_recapture:
         ridge_head_(model, student, teacher, cap, recipe.ridge_lambda)
     sol.merge, sol.model = plan, model
     return sol
@@ -341,11 +366,23 @@ def solve(
     recipe: CompressRecipe | dict[str, Any] | None = None,
     *,
     config_changes: Sequence[str] = (),
+    documents: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
 ) -> Solution:
-    """:func:`project` then :func:`merge`."""
+    """:func:`project` then :func:`merge` (``documents``/``tokenizer``: see :func:`merge`)."""
     recipe = make_recipe(recipe)
     proj = project(teacher, student, cap, recipe, config_changes=config_changes)
-    return merge(proj, teacher, student, cap, recipe)
+    return merge(
+        proj,
+        teacher,
+        student,
+        cap,
+        recipe,
+        documents=documents,
+        tokenizer=tokenizer,
+        progress=progress,
+    )
 
 
 def compress(
@@ -396,7 +433,16 @@ def compress(
                 corpus=corpus,
             )
         with clock.stage("solve + project + merge"):
-            sol = solve(tm, sm, cap, recipe, config_changes=changes)
+            sol = solve(
+                tm,
+                sm,
+                cap,
+                recipe,
+                config_changes=changes,
+                documents=documents,
+                tokenizer=_subject(student).tokenizer,
+                progress=progress,
+            )
         with clock.stage("write checkpoint"):
             save_checkpoint(sol.model, _subject(student).tokenizer, tmp)
         write_report(sol, tmp, clock=clock, inputs=inputs)

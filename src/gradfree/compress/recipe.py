@@ -37,8 +37,13 @@ class CompressRecipe(BaseModel):
       per block and KV group from the captured statistics), "ridge" (closed-form layer-wise
       distillation of every reader linear toward the teacher, ridge ``ridge_lambda`` toward the
       student's weights).
+    * ``ridge_recapture``: with ``merge: ridge``, fit the blocks in order, each from inputs
+      recaptured through the blocks already fitted (:mod:`.recapture`; needs the calibration
+      documents in ``merge()``), ``recapture_every`` blocks per recapture (1 is exact, more
+      divides the 2·L teacher + student passes at the price of exactness within a chunk).
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
-      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
+      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student);
+      with ``ridge_recapture`` the states are recaptured from the fitted model.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -59,6 +64,8 @@ class CompressRecipe(BaseModel):
     alpha_embed: float | None = None
     ridge_lambda: float = 1.0
     ridge_head: bool = False
+    ridge_recapture: bool = False
+    recapture_every: int = 1
     # capture
     max_length: int = 256
     batch_size: int = 2
@@ -86,6 +93,12 @@ class CompressRecipe(BaseModel):
             raise ValueError("layer_map is 'proportional', 'cka' or a list of teacher layers")
         if self.ridge_head and self.merge == "none":
             raise ValueError("ridge_head needs a merge with the student (merge is 'none')")
+        if self.recapture_every < 1:
+            raise ValueError("recapture_every must be at least 1")
+        if self.ridge_recapture and self.merge != "ridge":
+            raise ValueError("ridge_recapture needs merge 'ridge'")
+        if self.recapture_every != 1 and not self.ridge_recapture:
+            raise ValueError("recapture_every applies only with ridge_recapture")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
             raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
         return self

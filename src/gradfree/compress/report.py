@@ -48,6 +48,7 @@ def report_data(
         "mlp": [m.describe() for m in sol.mlp],
         "merge": sol.merge.describe() if sol.merge else None,
         "merge_profile": sol.merge_profile(),
+        "recaptures": sol.recaptures,
         "timings": clock.rows if clock else [],
         "evaluation": evaluation,
     }
@@ -124,6 +125,7 @@ def write_report(
         f"- basis: {sol.bases.kind} ({'per layer' if sol.recipe.per_layer else 'global'})",
         f"- merge: {data['merge']}",
         f"- config changes: {sol.config_changes or 'none'}",
+        f"- recapture passes (teacher + student, ridge_recapture): {len(sol.recaptures)}",
         f"- largest RoPE log-frequency gap of the kept q/k pairs: {sol.rope_gap:.3g}",
         "",
         "## Merge profile and diagnostics per student block",
