@@ -33,12 +33,15 @@ from gradfree.provenance import Stopwatch
 
 
 def parse_variant(base: Any, spec: str) -> Any:
-    """``mode[@alpha][+head][~lambda]``, e.g. ``uniform@0+head~0.1``: merge mode, its α, a ridge
-    LM head, the ridge λ (relative)."""
+    """``mode[@alpha][^every][+head][~lambda]``, e.g. ``uniform@0+head~0.1`` or ``ridge^1~0.1``:
+    merge mode, its α, ridge recaptured every that many blocks, a ridge LM head, the ridge λ."""
     spec, _, lam = spec.partition("~")
     spec, _, head = spec.partition("+")
+    spec, _, every = spec.partition("^")
     mode, _, alpha = spec.partition("@")
     kw: dict[str, Any] = {"merge": mode, "ridge_head": head == "head"}
+    if every:
+        kw.update(ridge_recapture=True, recapture_every=int(every))
     if alpha:
         kw["alpha"] = float(alpha)
     if lam:
@@ -125,7 +128,9 @@ def main() -> None:
                 continue
             with clock.stage(f"merge {name}"):
                 rm = parse_variant(rb, m)
-                sol = merge(proj, t.model, s.model, cap, rm)
+                sol = merge(proj, t.model, s.model, cap, rm, documents=calib, tokenizer=s.tokenizer)
+                if sol.recaptures:
+                    print(f"{name}: {len(sol.recaptures)} recapture passes", flush=True)
             if rm.attention_kl_windows:
                 with clock.stage(f"attention KL {name}"):
                     sol.attention_kl = measure_attention_kl(sol, t.model, s.tokenizer, calib, cap)

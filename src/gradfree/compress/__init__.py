@@ -12,9 +12,10 @@ head-dim reduction and neuron selection/matching, then merged with the student
 Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
 (head plans), ``kv`` (seed 000's KV-basis reuse and dense value ablation), ``mlp`` (neuron
 plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and interpolation), ``distill``
-(closed-form ridge of the readers), ``pipeline`` (the steps), ``attention_kl`` (attention KL per
-block and KV group against the teacher), ``report`` (the output folder), ``planted`` (teachers
-built from a student, for tests).
+(closed-form ridge of the readers), ``recapture`` (the ridge fitted block by block from
+recaptured inputs), ``pipeline`` (the steps), ``attention_kl`` (attention KL per block and KV
+group against the teacher), ``report`` (the output folder), ``planted`` (teachers built from a
+student, for tests).
 """
 
 from gradfree.compress.pipeline import (

@@ -8,8 +8,11 @@ with X̃_S the student's captured inputs (a constant feature appended: the bias 
 Y_T = W'_T u the projected teacher's outputs on the teacher's own inputs (u as in
 :mod:`.merge`), from the same statistics as the optimal α: E[x̃ x̃ᵀ] and E[x̃ ũᵀ] W'_Tᵀ.
 :func:`gradfree.solvers.ridge_from_stats` does the solve; λ is relative to the mean of
-diag(E[x̃ x̃ᵀ]). This is "activation-informed merging" at the granularity of output rows. Inputs
-are the *student's* captured inputs, not recaptured through already-updated layers (one pass).
+diag(E[x̃ x̃ᵀ]). This is "activation-informed merging" at the granularity of output rows.
+
+:func:`ridge_readers_` takes every block's inputs from one capture of the native student (one
+pass); :func:`ridge_block_` fits one block from given moments, so that :mod:`.recapture` can fit
+block by block from inputs recaptured through the blocks already fitted (``ridge_recapture``).
 With ``kv="reuse"`` only the q rows are fitted: k/v are the student's on both sides.
 """
 
@@ -53,6 +56,54 @@ def _fit_rows_(
         assign_(dst, "bias", full_b)
 
 
+Moments = tuple[torch.Tensor, torch.Tensor]  # (A, M) of :func:`.merge.reader_moments`
+
+
+@torch.no_grad()
+def ridge_block_(
+    model: nn.Module,
+    student: nn.Module,
+    projected: nn.Module,
+    j: int,
+    attn: AttentionPlan,
+    lam: float,
+    *,
+    attn_moments: Moments | None = None,
+    mlp_moments: Moments | None = None,
+) -> None:
+    """Block j's ridge fits from given moments: q/k/v rows of matched heads from ``attn_moments``
+    (attn_in), gate/up from ``mlp_moments`` (mlp_in); a part whose moments are None is left as is.
+
+    Taking moments rather than a capture lets :mod:`.recapture` fit the attention and the MLP of
+    one block from two different passes."""
+    from gradfree.compress.merge import attn_group_rows
+
+    mm, s, p = get_adapter(model), get_adapter(student), get_adapter(projected)
+    lm, ls, lp = mm.layer(j), s.layer(j), p.layer(j)
+    if attn_moments is not None:
+        a, m = attn_moments
+        for g in range(mm.geometry.num_kv_heads):
+            qr, kr = attn_group_rows(mm, attn, g)
+            if len(qr):
+                _fit_rows_(lm.q_proj, ls.q_proj, lp.q_proj, a, m, lam, qr)
+            if attn.kv != "reuse":  # reuse: k/v are the student's, nothing to fit
+                _fit_rows_(lm.k_proj, ls.k_proj, lp.k_proj, a, m, lam, kr)
+                _fit_rows_(lm.v_proj, ls.v_proj, lp.v_proj, a, m, lam, kr)
+    if mlp_moments is not None:
+        a, m = mlp_moments
+        _fit_rows_(lm.gate_proj, ls.gate_proj, lp.gate_proj, a, m, lam)
+        _fit_rows_(lm.up_proj, ls.up_proj, lp.up_proj, a, m, lam)
+
+
+def block_moments(
+    cap: Capture, site: str, j: int, teacher_layer: int, v_in: torch.Tensor, c: float
+) -> Moments:
+    """(A, M) of student block j's ``site`` (attn_in or mlp_in) paired with the teacher's block."""
+    from gradfree.compress.merge import reader_moments
+
+    return reader_moments(cap, f"blocks.{teacher_layer}.{site}", f"blocks.{j}.{site}", v_in, c)
+
+
 @torch.no_grad()
 def ridge_readers_(
     model: nn.Module,
@@ -65,24 +116,74 @@ def ridge_readers_(
     c: float,
     lam: float,
 ) -> None:
-    """Replace ``model``'s readers by their ridge fits (writers, embedding, head unchanged)."""
-    from gradfree.compress.merge import attn_group_rows, reader_moments
-
-    mm, s, p = get_adapter(model), get_adapter(student), get_adapter(projected)
-    for j in range(mm.num_layers):
-        lm, ls, lp = mm.layer(j), s.layer(j), p.layer(j)
+    """Replace ``model``'s readers by their ridge fits (writers, embedding, head unchanged), every
+    block from the one capture ``cap`` of the native student."""
+    for j in range(get_adapter(model).num_layers):
         tl, v_in = layer_map[j], bases.read(j)
-        a, m = reader_moments(cap, f"blocks.{tl}.attn_in", f"blocks.{j}.attn_in", v_in, c)
-        for g in range(mm.geometry.num_kv_heads):
-            qr, kr = attn_group_rows(mm, attn[j], g)
-            if len(qr):
-                _fit_rows_(lm.q_proj, ls.q_proj, lp.q_proj, a, m, lam, qr)
-            if attn[j].kv != "reuse":  # reuse: k/v are the student's, nothing to fit
-                _fit_rows_(lm.k_proj, ls.k_proj, lp.k_proj, a, m, lam, kr)
-                _fit_rows_(lm.v_proj, ls.v_proj, lp.v_proj, a, m, lam, kr)
-        a, m = reader_moments(cap, f"blocks.{tl}.mlp_in", f"blocks.{j}.mlp_in", v_in, c)
-        _fit_rows_(lm.gate_proj, ls.gate_proj, lp.gate_proj, a, m, lam)
-        _fit_rows_(lm.up_proj, ls.up_proj, lp.up_proj, a, m, lam)
+        ridge_block_(
+            model,
+            student,
+            projected,
+            j,
+            attn[j],
+            lam,
+            attn_moments=block_moments(cap, "attn_in", j, tl, v_in, c),
+            mlp_moments=block_moments(cap, "mlp_in", j, tl, v_in, c),
+        )
+
+
+def _target_moment(cap: Capture, tkey: str, v: torch.Tensor, c: float) -> torch.Tensor:
+    """E[ũ ũᵀ] with the constant feature, u = Vᵀx_T/c (the teacher side of the reader loss)."""
+    ts = cap.stats("teacher", tkey)
+    vc = f64(v) / c
+    d = vc.shape[1]
+    u = torch.ones(d + 1, d + 1, dtype=torch.float64)
+    u[:d, :d] = vc.T @ ts.second_moment() @ vc
+    u[:d, d] = u[d, :d] = vc.T @ ts.mean()
+    return u
+
+
+@torch.no_grad()
+def reader_errors(
+    cap: Capture,
+    model: nn.Module,
+    projected: nn.Module,
+    bases: BasisSet,
+    layer_map: Sequence[int],
+    attn: Sequence[AttentionPlan],
+    c: float,
+) -> list[dict[str, float]]:
+    """Per block, the relative reader loss E‖W̃ x̃ − W'_T ũ‖² / E‖W'_T ũ‖² of ``model``'s
+    attention (q rows of matched heads, k, v) and MLP (gate, up) readers, on the tokens of a
+    paired capture of (teacher, ``model``) with attn_in and mlp_in: the objective the ridge fit
+    minimises, measured where the model's own inputs are (e.g. on held-out documents)."""
+    from gradfree.compress.merge import _aug, attn_group_rows
+
+    mm, p = get_adapter(model), get_adapter(projected)
+    out = []
+    for j in range(mm.num_layers):
+        tl, v_in = layer_map[j], bases.read(j)
+        q_rows = torch.cat(
+            [attn_group_rows(mm, attn[j], g)[0] for g in range(mm.geometry.num_kv_heads)]
+        )
+        row = {}
+        for site, names in (
+            ("attn_in", ("q_proj", "k_proj", "v_proj")),
+            ("mlp_in", ("gate_proj", "up_proj")),
+        ):
+            a, m = block_moments(cap, site, j, tl, v_in, c)
+            u = _target_moment(cap, f"blocks.{tl}.{site}", v_in, c)
+            err = ref = 0.0
+            for name in names:
+                rows = q_rows if name == "q_proj" else None
+                w = _aug(getattr(mm.layer(j), name), rows)
+                wp = _aug(getattr(p.layer(j), name), rows)
+                target = float(torch.trace(wp @ u @ wp.T))
+                err += float(torch.trace(w @ a @ w.T) - 2 * torch.trace(w @ m @ wp.T)) + target
+                ref += target
+            row[site.removesuffix("_in")] = err / ref if ref > 0 else 0.0
+        out.append(row)
+    return out
 
 
 @torch.no_grad()

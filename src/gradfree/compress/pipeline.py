@@ -4,6 +4,7 @@
     layer_map = resolve_layer_map(recipe, teacher, student)
     cap = capture_pair(teacher, student, docs, folder, recipe, layer_map)
     sol = solve(teacher, student, cap, recipe)           # bases, plans, projected, merged
+    # ridge_recapture: solve(..., documents=docs, tokenizer=tok) recaptures block by block
     save_checkpoint(sol.model, tokenizer, out); write_report(sol, out)
 
 :func:`compress` runs them all. One capture serves many recipes (``solve`` only reads it), which
@@ -43,6 +44,7 @@ from gradfree.compress.merge import (
 )
 from gradfree.compress.mlp import MlpPlan, plan_mlp
 from gradfree.compress.project import project_teacher
+from gradfree.compress.recapture import require_calibration, ridge_recaptured_
 from gradfree.compress.recipe import PROJECTION_FIELDS, CompressRecipe, make_recipe
 from gradfree.errors import GradfreeError
 from gradfree.layermap import resolve_map
@@ -81,6 +83,7 @@ class Solution:
     config_changes: list[str] = field(default_factory=list)
     # KL(teacher ‖ model) of attention, [block][KV group], when measured (see .attention_kl)
     attention_kl: list[list[float]] | None = None
+    recaptures: list[dict[str, Any]] = field(default_factory=list)  # ridge_recapture's passes
 
     def merge_profile(self) -> list[dict[str, Any]]:
         """Seed 000's merge profile: one row per student block."""
@@ -295,16 +298,23 @@ def merge(
     student: nn.Module,
     cap: Capture,
     recipe: CompressRecipe | dict[str, Any] | None = None,
+    *,
+    documents: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
 ) -> Solution:
     """Merge a projection (from :func:`project`) with the student as ``recipe.merge`` says.
 
     The recipe's projection fields must equal the projection's; only merge fields may differ, so
-    one projection serves every merge variant.
+    one projection serves every merge variant. ``documents`` and ``tokenizer`` (the calibration
+    documents of ``cap``) are needed only by ``ridge_recapture``, which recaptures with them.
     """
     recipe = make_recipe(recipe)
     for f in PROJECTION_FIELDS:
         if getattr(recipe, f) != getattr(projection.recipe, f):
             raise GradfreeError(f"The recipe's {f} differs from the projection's; project again.")
+    if recipe.ridge_recapture:  # fail before the α plan, not after it
+        require_calibration(documents, tokenizer)
     sol = copy.copy(projection)
     sol.recipe = recipe
     sol.attention_kl = None  # measured on a model; the merge makes a new one
@@ -339,7 +349,22 @@ def merge(
     if recipe.merge_layers is not None:
         plan = restrict_plan(plan, recipe.merge_layers)
     model = merge_models(student, projected, plan, attn)
-    if recipe.merge == "ridge":
+    if recipe.ridge_recapture:  # readers block by block, then the head, all from recaptures
+        sol.recaptures = ridge_recaptured_(
+            model,
+            student,
+            projected,
+            teacher,
+            projection.bases,
+            projection.layer_map,
+            attn,
+            c,
+            recipe,
+            documents,
+            tokenizer,
+            progress=progress,
+        )
+    elif recipe.merge == "ridge":
         ridge_readers_(
             model,
             student,
@@ -351,7 +376,7 @@ def merge(
             c,
             recipe.ridge_lambda,
         )
-    if recipe.ridge_head:
+    if recipe.ridge_head and not recipe.ridge_recapture:
         ridge_head_(model, student, teacher, cap, recipe.ridge_lambda)
     sol.merge, sol.model = plan, model
     return sol
@@ -364,11 +389,23 @@ def solve(
     recipe: CompressRecipe | dict[str, Any] | None = None,
     *,
     config_changes: Sequence[str] = (),
+    documents: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
 ) -> Solution:
-    """:func:`project` then :func:`merge`."""
+    """:func:`project` then :func:`merge` (``documents``/``tokenizer``: see :func:`merge`)."""
     recipe = make_recipe(recipe)
     proj = project(teacher, student, cap, recipe, config_changes=config_changes)
-    return merge(proj, teacher, student, cap, recipe)
+    return merge(
+        proj,
+        teacher,
+        student,
+        cap,
+        recipe,
+        documents=documents,
+        tokenizer=tokenizer,
+        progress=progress,
+    )
 
 
 def measure_attention_kl(
@@ -437,7 +474,16 @@ def compress(
                 corpus=corpus,
             )
         with clock.stage("solve + project + merge"):
-            sol = solve(tm, sm, cap, recipe, config_changes=changes)
+            sol = solve(
+                tm,
+                sm,
+                cap,
+                recipe,
+                config_changes=changes,
+                documents=documents,
+                tokenizer=_subject(student).tokenizer,
+                progress=progress,
+            )
         if recipe.attention_kl_windows:
             with clock.stage("attention KL"):
                 sol.attention_kl = measure_attention_kl(

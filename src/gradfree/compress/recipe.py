@@ -63,8 +63,13 @@ class CompressRecipe(BaseModel):
       o reads the student's values through a least-squares map; in a merge only q and o mix).
     * ``head_rotation``: value compression per KV group ("block_diagonal", one P_g per group) or
       "dense" (seed 000's ablation: one PCA over all value dims, groups mixed).
+    * ``ridge_recapture``: with ``merge: ridge``, fit the blocks in order, each from inputs
+      recaptured through the blocks already fitted (:mod:`.recapture`; needs the calibration
+      documents in ``merge()``), ``recapture_every`` blocks per recapture (1 is exact, more
+      divides the 2·L teacher + student passes at the price of exactness within a chunk).
     * ``ridge_head``: replace the merged LM head by the ridge regression of the student's final
-      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student).
+      normed states onto the teacher's exact logits (λ = ``ridge_lambda``, toward the student);
+      with ``ridge_recapture`` the states are recaptured from the fitted model.
     * ``attention_kl_windows``: after solving, measure the attention KL per block and KV group of
       the result against the teacher on the first N capture windows (0: off); see
       :mod:`gradfree.compress.attention_kl`.
@@ -93,6 +98,8 @@ class CompressRecipe(BaseModel):
     ridge_lambda: float = 1.0
     ridge_head: bool = False
     attention_kl_windows: int = 2
+    ridge_recapture: bool = False
+    recapture_every: int = 1
     # capture
     max_length: int = 256
     batch_size: int = 2
@@ -131,6 +138,12 @@ class CompressRecipe(BaseModel):
                 "head_rotation 'dense' compresses the teacher's values, which kv 'reuse' replaces "
                 "by the student's"
             )
+        if self.recapture_every < 1:
+            raise ValueError("recapture_every must be at least 1")
+        if self.ridge_recapture and self.merge != "ridge":
+            raise ValueError("ridge_recapture needs merge 'ridge'")
+        if self.recapture_every != 1 and not self.ridge_recapture:
+            raise ValueError("recapture_every applies only with ridge_recapture")
         if self.basis == "svd" and self.per_layer and self.align is False and self.merge != "none":
             raise ValueError("merging with unaligned per-layer svd bases mixes unrelated axes")
         return self

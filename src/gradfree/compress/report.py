@@ -57,6 +57,7 @@ def report_data(
             if sol.attention_kl
             else None
         ),
+        "recaptures": sol.recaptures,
         "timings": clock.rows if clock else [],
         "evaluation": evaluation,
     }
@@ -156,6 +157,7 @@ def write_report(
         f"- basis: {sol.bases.kind} ({'per layer' if sol.recipe.per_layer else 'global'})",
         f"- merge: {data['merge']}",
         f"- config changes: {sol.config_changes or 'none'}",
+        f"- recapture passes (teacher + student, ridge_recapture): {len(sol.recaptures)}",
         f"- largest RoPE log-frequency gap of the kept q/k pairs: {sol.rope_gap:.3g}",
         "",
         "## Merge profile and diagnostics per student block",

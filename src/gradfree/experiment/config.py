@@ -133,10 +133,10 @@ class ExperimentConfig(BaseModel):
     student: str
     device: str = "cpu"
     dtype: str = "float32"
-    calibration: Texts = Texts(corpus="tourguide", split="calibration", limit=32)
+    calibration: Texts = Texts(corpus="tourguide", split="calibration", skip=0, limit=32)
     validation: Texts = Texts(corpus="tourguide", split="calibration", skip=32, limit=12)
-    task: Texts = Texts(corpus="tourguide", split="heldout", limit=12)
-    out_of_task: list[Texts] = [Texts(corpus="news", split="heldout", limit=6)]
+    task: Texts = Texts(corpus="tourguide", split="heldout", skip=0, limit=12)
+    out_of_task: list[Texts] = [Texts(corpus="news", split="heldout", skip=0, limit=6)]
     questions: int = Field(16, ge=0)
     max_length: int = Field(256, ge=2)
     batch_size: int = Field(4, ge=1)

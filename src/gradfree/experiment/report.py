@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,12 @@ def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
                 logy=all(k > 0 for _, k in main),
             ).name
         )
-    sweep: dict[str, tuple[list[float], list[float]]] = {}
+    sweep: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
     for n, r in results.items():
         if r["study"] == "alpha_sweep":
             layer = n.split("/")[1]
             xs, ys = sweep.setdefault(layer, ([], []))
+            assert isinstance(xs, list) and isinstance(ys, list)
             xs.append(r["recipe"]["alpha"])
             ys.append(r["task"]["kl"])
     if sweep:
@@ -185,11 +187,12 @@ def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
                 ylabel="task KL",
             ).name
         )
-    eff: dict[str, tuple[list[float], list[float]]] = {}
+    eff: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
     for n, r in results.items():
         if r["study"] == "data_efficiency":
             base, _, size = n.rpartition("@")
             xs, ys = eff.setdefault(base, ([], []))
+            assert isinstance(xs, list) and isinstance(ys, list)
             xs.append(float(size))
             ys.append(r["task"]["kl"])
     if eff:

@@ -238,12 +238,18 @@ class Engine:
             from gradfree.corpora import system_prompt
             from gradfree.evaluate import answer_questions
 
-            qa = answer_questions(model, self.s.tokenizer, self.questions, system_prompt())
+            qa = answer_questions(
+                model,  # type: ignore[arg-type]  # any HF causal LM module
+                self.s.tokenizer,
+                self.questions,
+                system_prompt(),
+            )
             res["questions"] = {"matched": qa["matched"], "n": qa["n"], "score": qa["score"]}
         return res
 
     def run_row(self, row: Row) -> dict[str, Any]:
         from gradfree.compress import make_recipe, merge
+        from gradfree.compress.pipeline import measure_attention_kl
 
         info: dict[str, Any] = {"study": row.study, "kind": row.kind}
         texts = row.calibration or self.cfg.calibration
@@ -268,9 +274,25 @@ class Engine:
             if recipe.merge == "measured":
                 sol, info["measured_alpha"] = self.measured_alpha(proj, recipe, cap)
             else:
-                sol = merge(proj, self.t.model, self.s.model, cap, recipe)
+                docs = load_texts(texts) if recipe.ridge_recapture else None
+                sol = merge(
+                    proj,
+                    self.t.model,
+                    self.s.model,
+                    cap,
+                    recipe,
+                    documents=docs,
+                    tokenizer=self.s.tokenizer,
+                )
+        if recipe.attention_kl_windows:
+            with self.clock.stage(f"attention KL {row.name}"):
+                sol.attention_kl = measure_attention_kl(
+                    sol, self.t.model, self.s.tokenizer, load_texts(texts), cap
+                )
+            info["attention_kl"] = sol.attention_kl
         info["merge"] = sol.merge.describe() if sol.merge else None
         info["profile"] = sol.merge_profile()
+        info["recaptures"] = sol.recaptures
         model = sol.model if sol.model is not proj.projected else _copy(proj.projected)
         if row.head:
             with self.clock.stage(f"head {row.name}"):
