@@ -48,13 +48,35 @@ def _cfg(pair: tuple[Path, Path]) -> DemoConfig:
             prompt_places=2,
             prompt_tokens=4,
         ),
+        experiment={
+            "calibration": {"corpus": "tourguide", "split": "calibration", "limit": 3},
+            "validation": {"corpus": "tourguide", "split": "calibration", "skip": 3, "limit": 2},
+            "task": {"corpus": "tourguide", "split": "heldout", "limit": 2},
+            "out_of_task": [{"corpus": "tourguide", "split": "heldout", "skip": 2, "limit": 1}],
+            "questions": 1,
+            "max_length": 32,
+            "recipe": {"dump_rate": 1.0, "attention_kl_windows": 1},
+            "head_lambdas": [1.0],
+            "head_blends": [0.5],
+            "rows": [
+                {"name": "student", "kind": "student"},
+                {"name": "joint/optimal", "recipe": {"merge": "optimal"}},
+            ],
+        },
     )
 
 
 def test_demo_writes_one_complete_folder(pair: tuple[Path, Path], tmp_path: Path) -> None:
     out = run_demo(_cfg(pair), tmp_path / "demo", say=lambda _: None)
     report = (out / "report.md").read_text()
-    for section in ("## Capture", "## Spectra", "## Evaluation", "## Alignment ablation"):
+    for section in (
+        "## Capture",
+        "## Spectra",
+        "## Evaluation",
+        "## Alignment ablation",
+        "## Compression (issue 4)",
+        "`joint/optimal`",
+    ):
         assert section in report
     assert "## Time and memory" in report
     run = json.loads((out / "run.json").read_text())
@@ -71,6 +93,8 @@ def test_demo_writes_one_complete_folder(pair: tuple[Path, Path], tmp_path: Path
     # Permutations and the global rotation change nothing the model computes: identical KL.
     assert ablation["checks"]["perm"]["identical"] and ablation["checks"]["perm+rot"]["identical"]
     assert run["ablation_run_id"] == ablation["run_id"]
+    rows = json.loads((out / "experiment" / "results.json").read_text())["rows"]
+    assert rows["joint/optimal"]["task"]["kl"] > 0 and len(rows["joint/optimal"]["attention_kl"])
 
 
 def test_demo_refuses_an_existing_output(pair: tuple[Path, Path], tmp_path: Path) -> None:

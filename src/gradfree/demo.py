@@ -4,9 +4,11 @@ Steps, each timed with its peak memory: fetch the Qwen2.5-Coder 1.5B (teacher) /
 pair and the texts; capture paired activation statistics on the tour-guide calibration split;
 compute activation and weight spectra; evaluate both models on the held-out tour-guide split
 (perplexity, KL to the teacher, top-1 agreement, per-layer CKA, place questions) and on one
-public text; run the alignment ablation of seed 001 §16.2 (issue 5) on the same pair; write one
-folder with ``report.md``, the manifests and the resolved configuration. The compression stage
-(issue 4) is not part of it yet.
+public text; run the alignment ablation of seed 001 §16.2 (issue 5) on the same pair; compress
+the teacher into the student (issue 4, seed 000) as a small ``gradfree experiment`` (native
+student, distilled head, projected teacher, closed-form and measured α merges, each measured
+against the teacher); write one folder with ``report.md``, the manifests and the resolved
+configuration.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def _demo_ablation() -> AblateConfig:
     )
 
 
+def _demo_experiment() -> dict[str, Any]:
+    """Issue 4's stage: the rows of ``experiments/seed000.yaml`` that tell the story, sized for
+    2 CPU cores (the pair, device and dtype come from the demo's own settings)."""
+    return {
+        "calibration": {"corpus": "tourguide", "split": "calibration", "limit": 32},
+        "validation": {"corpus": "tourguide", "split": "calibration", "skip": 32, "limit": 12},
+        "task": {"corpus": "tourguide", "split": "heldout", "limit": 12},
+        "out_of_task": [{"corpus": "news", "split": "heldout", "limit": 6}],
+        "questions": 8,
+        "max_length": 256,
+        "batch_size": 2,
+        "recipe": {"basis": "joint", "attention_kl_windows": 1},
+        "rows": [
+            {"name": "student", "kind": "student"},
+            {"name": "student+head", "kind": "student", "head": True},
+            {"name": "joint/none", "recipe": {"merge": "none"}},
+            {"name": "joint/optimal", "recipe": {"merge": "optimal"}},
+            {"name": "joint/measured", "recipe": {"merge": "measured", "alpha_grid": [0.05, 0.1]}},
+        ],
+    }
+
+
 class DemoConfig(BaseModel):
     """Resolved configuration of the demo; recorded as config.json in the output."""
 
@@ -72,6 +96,8 @@ class DemoConfig(BaseModel):
     weight_embeddings: bool = False
     # issue 5: the alignment ablation of seed 001 §16.2 on the same pair (None: skip it)
     ablation: AblateConfig | None = Field(default_factory=_demo_ablation)
+    # issue 4: an experiment config without the pair (None: skip the compression stage)
+    experiment: dict[str, Any] | None = Field(default_factory=_demo_experiment)
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -194,6 +220,23 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
             say(f"alignment ablation: {len(cfg.ablation.variants)} variants")
             with watch.stage("alignment ablation (fit + teacher reference + variants)"):
                 ablation = run_ablation(teacher, student, cfg.ablation, tmp / "ablation", say=say)
+        experiment = None
+        if cfg.experiment is not None:  # last: it folds the models' norms (function-preserving)
+            from gradfree.experiment import make_experiment, run_experiment
+
+            exp = make_experiment(
+                {
+                    **cfg.experiment,
+                    "teacher": cfg.teacher,
+                    "student": cfg.student,
+                    "device": cfg.device,
+                    "dtype": cfg.dtype,
+                }
+            )
+            say(f"compression experiment: {len(exp.rows)} rows")
+            with watch.stage("compression experiment (issue 4: references, capture, rows)"):
+                run_experiment(exp, tmp / "experiment", say=say, models=(teacher, student))
+            experiment = (tmp / "experiment" / "results.md").read_text(encoding="utf-8")
         models = {
             "teacher": {"spec": cfg.teacher, **get_adapter(teacher.model).describe()},
             "student": {"spec": cfg.student, **get_adapter(student.model).describe()},
@@ -211,7 +254,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
         write_json_atomic(tmp / "config.json", cfg.model_dump())
         write_json_atomic(tmp / "run.json", record)
         write_text_atomic(
-            tmp / "report.md", _report(cfg, record, cap, spectra, results, watch, ablation)
+            tmp / "report.md",
+            _report(cfg, record, cap, spectra, results, watch, ablation, experiment),
         )
     return out
 
@@ -224,6 +268,7 @@ def _report(
     results: dict[str, Any],
     watch: Any,
     ablation: dict[str, Any] | None = None,
+    experiment: str | None = None,
 ) -> str:
     from gradfree.spectrum_report import _seed002_rows
 
@@ -310,6 +355,15 @@ def _report(
             "",
             "Files: `ablation/ablation.md`, `ablation/ablation.json`, the ledger in "
             "`ablation/rotations/`, the run manifest in `ablation/manifest.json`.",
+        ]
+    if experiment is not None:
+        page = experiment.split("\n## Time and peak memory")[0].splitlines()
+        lines += ["", "## Compression (issue 4): " + page[0].removeprefix("# gradfree "), *page[1:]]
+        lines += [
+            "",
+            "Files: `experiment/results.md` (with per-stage times), `experiment/results.json` "
+            "(every number, merge profiles), `experiment/plots/`. The full matrix: "
+            "`gradfree experiment --config experiments/seed000.yaml`.",
         ]
     lines += ["", "## Time and memory per stage", "", watch.table(), ""]
     return "\n".join(lines)

@@ -21,6 +21,9 @@ def demo_command(
     ablation: bool = typer.Option(
         True, "--ablation/--no-ablation", help="Seed 001's alignment ablation on the same pair."
     ),
+    experiment: bool = typer.Option(
+        True, "--experiment/--no-experiment", help="Issue 4's compression rows on the same pair."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -29,6 +32,8 @@ def demo_command(
     from gradfree.demo import DemoConfig, run_demo
 
     extra: dict[str, Any] = {} if ablation else {"ablation": None}
+    if not experiment:
+        extra["experiment"] = None
     cfg = DemoConfig(
         **extra,
         teacher=teacher,

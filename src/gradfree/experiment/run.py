@@ -312,19 +312,28 @@ def _copy(model: nn.Module) -> nn.Module:
 
 def order_rows(rows: Sequence[Row], cfg: ExperimentConfig) -> list[Row]:
     """The matrix's student/teacher rows first, then compress rows grouped by calibration and
-    projection (so each capture and projection is computed once), then the studies' other rows."""
+    projection (so each capture and projection is computed once, groups in the order they first
+    appear in the config), then the studies' other rows."""
     from gradfree.compress import make_recipe
     from gradfree.compress.recipe import PROJECTION_FIELDS
 
-    def key(r: Row) -> tuple[Any, ...]:
-        if r.kind != "compress":
-            return (0 if r.study == "matrix" else 2, "", "")
+    def group(r: Row) -> str:
         rec = make_recipe(cfg.recipe, **r.recipe)
         texts = (r.calibration or cfg.calibration).key()
         proj = json.dumps({f: getattr(rec, f) for f in PROJECTION_FIELDS}, default=str)
-        return (1, texts + (r.blend.model_dump_json() if r.blend else ""), proj)
+        return texts + (r.blend.model_dump_json() if r.blend else "") + proj
 
-    return sorted(rows, key=key)  # sorted() is stable: the config's order within a group
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if r.kind == "compress":
+            first.setdefault(group(r), i)
+
+    def key(r: Row) -> tuple[int, int]:
+        if r.kind != "compress":
+            return (0 if r.study == "matrix" else 2, 0)
+        return (1, first[group(r)])
+
+    return sorted(rows, key=key)  # stable: the config's order within a group
 
 
 def run_experiment(

@@ -53,9 +53,17 @@ def _device(model: nn.Module) -> torch.device:
 def teacher_reference(
     teacher: nn.Module, tokenizer: Any, docs: Sequence[Any], folder: Path, max_length: int
 ) -> Reference:
-    """Run the teacher once over ``docs`` and store its log-probs (float16) under ``folder``."""
+    """Run the teacher once over ``docs`` and store its log-probs (float16) under ``folder``;
+    a folder completed earlier (``ref.json`` written last) is reused as it is."""
+    import json
+
     folder.mkdir(parents=True, exist_ok=True)
     ids, owner = windows(tokenizer, docs, max_length)
+    done = folder / "ref.json"
+    if done.exists():
+        meta = json.loads(done.read_text())
+        if meta["windows"] == len(ids):
+            return Reference(folder, ids, owner, meta["teacher"])
     nll = 0.0
     n = 0
     for k, w in enumerate(ids):
@@ -66,6 +74,7 @@ def teacher_reference(
         torch.save(logp.half(), folder / f"w{k:05d}.pt")
     ref = Reference(folder, ids, owner)
     ref.teacher = {"ppl": float(torch.exp(torch.tensor(nll / max(n, 1)))), "tokens": float(n)}
+    done.write_text(json.dumps({"windows": len(ids), "teacher": ref.teacher}))
     return ref
 
 
