@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import itertools
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,9 @@ from gradfree.compress.merge import alpha_terms
 from gradfree.compress.planted import embed_student
 from gradfree.errors import GradfreeError
 from gradfree.solvers import optimal_alpha
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
-DOCS = [
-    f"Stop {i}: the old harbour, {i * 7} steps from the square; " * 3
-    + "abcdefghijklmnopqrstuvwxyz"[i % 26 :]
-    for i in range(8)
-]
+DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}
 HELD_OUT = [
     f"Route {i}: turn left at the {i * 3}rd bridge, then the market is north of the tower. " * 2
@@ -36,13 +31,7 @@ HELD_OUT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared machine: intra-op threads only contend (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids() -> torch.Tensor:

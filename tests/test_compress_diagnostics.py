@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,22 +24,13 @@ from gradfree.solvers import (
     gaussian_mutual_information,
     kl_rows,
 )
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
-DOCS = [
-    f"Stop {i}: the old harbour, {i * 7} steps from the square; " * 3
-    + "abcdefghijklmnopqrstuvwxyz"[i % 26 :]
-    for i in range(8)
-]
+DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moments(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,23 +18,13 @@ from gradfree.compress import capture_pair, compress, fold_pair_, make_recipe, m
 from gradfree.compress.planted import embed_student
 from gradfree.errors import GradfreeError
 from gradfree.solvers import pair_rotation, rope_pair_procrustes
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
-DOCS = [
-    f"Stop {i}: the old harbour, {i * 7} steps from the square; " * 3
-    + "abcdefghijklmnopqrstuvwxyz"[i % 26 :]
-    for i in range(8)
-]
+DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared machine: intra-op threads only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

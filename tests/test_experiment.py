@@ -9,7 +9,6 @@ fixed point, resume and the one-sentence errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,7 @@ from gradfree.errors import GradfreeError
 from gradfree.experiment import expand_rows, make_experiment, run_experiment
 from gradfree.testing import tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(model: torch.nn.Module, path: Path) -> str:

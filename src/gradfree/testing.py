@@ -84,6 +84,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Short repetitive documents: enough distinct tokens for a tiny byte-level model's statistics.
+HARBOUR_DOCS = [
+    f"Stop {i}: the old harbour, {i * 7} steps from the square; " * 3
+    + "abcdefghijklmnopqrstuvwxyz"[i % 26 :]
+    for i in range(8)
+]
+
+
 def tiny_config(model_type: str, **overrides: Any) -> Any:
     """A transformers config of family ``model_type`` (or a PRESETS name) at toy size."""
     from transformers import AutoConfig

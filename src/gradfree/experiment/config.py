@@ -193,45 +193,22 @@ def expand_rows(cfg: ExperimentConfig) -> list[Row]:
                     "merge_layers": [layer],
                 }
                 rows.append(Row(name=f"sweep/L{layer}/α={a:g}", study="alpha_sweep", recipe=recipe))
+
+    def again(names: list[str], suffix: str, study: str, **update: Any) -> None:
+        """The named rows once more, renamed ``name`` + ``suffix``, with fields replaced."""
+        for name in names:
+            upd = {"name": f"{name}{suffix}", "study": study, **update}
+            rows.append(by_name[name].model_copy(update=upd))
+
     if st.data_efficiency is not None:
-        base = cfg.calibration
         for n in st.data_efficiency.sizes:
-            texts = base.model_copy(update={"limit": n})
-            for name in st.data_efficiency.rows:
-                r = by_name[name]
-                rows.append(
-                    r.model_copy(
-                        update={
-                            "name": f"{name}@{n}",
-                            "study": "data_efficiency",
-                            "calibration": texts,
-                        }
-                    )
-                )
+            texts = cfg.calibration.model_copy(update={"limit": n})
+            again(st.data_efficiency.rows, f"@{n}", "data_efficiency", calibration=texts)
     for tr in st.transfer:
-        for name in tr.rows:
-            r = by_name[name]
-            rows.append(
-                r.model_copy(
-                    update={
-                        "name": f"{name}@{tr.name}",
-                        "study": "transfer",
-                        "calibration": tr.calibration,
-                    }
-                )
-            )
+        again(tr.rows, f"@{tr.name}", "transfer", calibration=tr.calibration)
     comp = st.composability
     if comp is not None:
         for w in comp.weights:
-            for name in comp.rows:
-                r = by_name[name]
-                rows.append(
-                    r.model_copy(
-                        update={
-                            "name": f"{name}+blend{w:g}",
-                            "study": "composability",
-                            "blend": Blend(calibration=comp.calibration, weight=w),
-                        }
-                    )
-                )
+            blend = Blend(calibration=comp.calibration, weight=w)
+            again(comp.rows, f"+blend{w:g}", "composability", blend=blend)
     return rows

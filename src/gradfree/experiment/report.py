@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,22 @@ def _verdict(rows: list[dict[str, Any]], outs: list[str]) -> list[str]:
     ]
 
 
+def _series(
+    results: dict[str, dict[str, Any]],
+    study: str,
+    where: Callable[[str, dict[str, Any]], tuple[str, float]],
+) -> dict[str, tuple[Sequence[float], Sequence[float]]]:
+    """Task KL of a study's rows as named (x, y) series; ``where`` gives (series name, x)."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for n, r in results.items():
+        if r["study"] == study:
+            label, x = where(n, r)
+            xs, ys = out.setdefault(label, ([], []))
+            xs.append(x)
+            ys.append(r["task"]["kl"])
+    return dict(out)
+
+
 def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
     """Task KL per row (log scale), KL against α per swept layer, KL against calibration size."""
     from gradfree.plots import line_plot
@@ -169,14 +185,7 @@ def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
                 logy=all(k > 0 for _, k in main),
             ).name
         )
-    sweep: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
-    for n, r in results.items():
-        if r["study"] == "alpha_sweep":
-            layer = n.split("/")[1]
-            xs, ys = sweep.setdefault(layer, ([], []))
-            assert isinstance(xs, list) and isinstance(ys, list)
-            xs.append(r["recipe"]["alpha"])
-            ys.append(r["task"]["kl"])
+    sweep = _series(results, "alpha_sweep", lambda n, r: (n.split("/")[1], r["recipe"]["alpha"]))
     if sweep:
         written.append(
             line_plot(
@@ -187,14 +196,11 @@ def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
                 ylabel="task KL",
             ).name
         )
-    eff: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
-    for n, r in results.items():
-        if r["study"] == "data_efficiency":
-            base, _, size = n.rpartition("@")
-            xs, ys = eff.setdefault(base, ([], []))
-            assert isinstance(xs, list) and isinstance(ys, list)
-            xs.append(float(size))
-            ys.append(r["task"]["kl"])
+    eff = _series(
+        results,
+        "data_efficiency",
+        lambda n, _r: (n.rpartition("@")[0], float(n.rpartition("@")[2])),
+    )
     if eff:
         written.append(
             line_plot(
