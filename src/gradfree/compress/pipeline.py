@@ -42,7 +42,7 @@ from gradfree.compress.merge import (
     restrict_plan,
     uniform_plan,
 )
-from gradfree.compress.mlp import MlpPlan, plan_mlp
+from gradfree.compress.mlp import MlpPlan, fold_spans, plan_mlp
 from gradfree.compress.project import project_teacher
 from gradfree.compress.recapture import require_calibration, ridge_recaptured_
 from gradfree.compress.recipe import PROJECTION_FIELDS, CompressRecipe, make_recipe
@@ -273,8 +273,15 @@ def project(
         )
         for j in range(s.num_layers)
     ]
+    spans = (
+        fold_spans(layer_map, t.num_layers)
+        if recipe.depth == "fold"
+        else [[] for _ in range(s.num_layers)]
+    )
     mlp = [
-        plan_mlp(cap, t, s, j, layer_map[j], bases.write(j), recipe.mlp_match)
+        plan_mlp(
+            cap, t, s, j, layer_map[j], bases.write(j), recipe.mlp_match, fold=spans[j]
+        )
         for j in range(s.num_layers)
     ]
     projected = project_teacher(teacher, student, bases, layer_map, attn, mlp)

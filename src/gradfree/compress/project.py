@@ -82,7 +82,7 @@ def project_teacher(
         _project_qo_(lp, lt, attn[j], c, v_in, v_out, s.geometry)
         if attn[j].kv != "reuse":  # reuse: the copy already holds the student's k/v and k_norm
             _project_kv_(lp, lt, attn[j], c, v_in)
-        _project_mlp_(lp, lt, mlp[j], c, v_in, v_out)
+        _project_mlp_(lp, [t.layer(i) for i in mlp[j].sources], mlp[j], c, v_in, v_out)
     return out
 
 
@@ -167,22 +167,32 @@ def _project_kv_(
 
 def _project_mlp_(
     lp: LayerAdapter,
-    lt: LayerAdapter,
+    sources: Sequence[LayerAdapter],
     m: MlpPlan,
     c: float,
     v_in: torch.Tensor,
     v_out: torch.Tensor,
 ) -> None:
-    """The teacher's selected, ordered and sign-flipped neurons."""
+    """The teacher's selected, ordered and sign-flipped neurons, drawn from the neurons of the
+    ``sources`` blocks laid end to end (one block unless the depth is folded)."""
     idx, sg = m.neurons, m.signs
-    assign_(lp.gate_proj, "weight", c * f64(param(lt.gate_proj))[idx] @ v_in)
-    assign_(lp.up_proj, "weight", c * sg[:, None] * f64(param(lt.up_proj))[idx] @ v_in)
-    assign_(lp.down_proj, "weight", v_out.T @ f64(param(lt.down_proj))[:, idx] * sg[None, :])
-    for name, lin, sign in (("gate", lt.gate_proj, None), ("up", lt.up_proj, sg)):
-        b = maybe_param(lin, "bias")
+
+    def rows(name: str, what: str) -> torch.Tensor | None:
+        got = [maybe_param(getattr(lt, name), what) for lt in sources]
+        if any(g is None for g in got):
+            return None
+        return torch.cat([f64(g) for g in got if g is not None], dim=0)
+
+    gate, up = rows("gate_proj", "weight"), rows("up_proj", "weight")
+    assert gate is not None and up is not None
+    down = torch.cat([f64(param(lt.down_proj)) for lt in sources], dim=1)
+    assign_(lp.gate_proj, "weight", c * gate[idx] @ v_in)
+    assign_(lp.up_proj, "weight", c * sg[:, None] * up[idx] @ v_in)
+    assign_(lp.down_proj, "weight", v_out.T @ down[:, idx] * sg[None, :])
+    for name, sign in (("gate", None), ("up", sg)):
+        b = rows(f"{name}_proj", "bias")
         if b is not None:
-            bb = f64(b)[idx] * (sign if sign is not None else 1.0)
-            _set(getattr(lp, f"{name}_proj"), "bias", bb)
-    bd = maybe_param(lt.down_proj, "bias")
-    if bd is not None:
-        _set(lp.down_proj, "bias", v_out.T @ f64(bd))
+            _set(getattr(lp, f"{name}_proj"), "bias", b[idx] * (sign if sign is not None else 1.0))
+    bd = [maybe_param(lt.down_proj, "bias") for lt in sources]
+    if all(b is not None for b in bd):  # every folded block adds its own output bias
+        _set(lp.down_proj, "bias", v_out.T @ sum(f64(b) for b in bd if b is not None))

@@ -30,6 +30,7 @@ PROJECTION_FIELDS = (
     "head_match",
     "value_align",
     "mlp_match",
+    "depth",
     "kv",
     "head_rotation",
 )
@@ -40,6 +41,9 @@ class CompressRecipe(BaseModel):
 
     * ``layer_map``: "proportional", "cka" (monotone DP maximising summed linear CKA of the
       block inputs) or explicit teacher layer indices, one per student layer.
+    * ``depth``: how a student block uses the teacher blocks its layer map skips: "pick" (only
+      block m(j)) or "fold" (its MLP draws neurons from every teacher block up to m(j+1); see
+      :mod:`.mlp`; attention is always picked).
     * ``basis``: residual basis V (d_T×d_S). ``svd`` = top principal directions (aligned to the
       student by one Procrustes rotation when ``align``), ``two_tier`` = trunk + PCA of the
       residual, each tier aligned by Procrustes, ``joint`` = semi-orthogonal Procrustes from the
@@ -78,6 +82,7 @@ class CompressRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layer_map: str | list[int] = "proportional"
+    depth: Literal["pick", "fold"] = "pick"
     basis: Basis = "joint"
     trunk_fraction: float = 0.5
     align: bool = True
