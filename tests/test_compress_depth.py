@@ -87,3 +87,50 @@ def test_folding_recovers_a_teacher_that_splits_its_mlps(tmp_path: Path) -> None
             # the silenced neurons have no importance: the kept ones are the live halves
             assert all(m.kept_importance > 0.999 for m in sol.mlp)
     assert kls["fold"] < 0.5 * kls["pick"], kls
+
+
+def duplicated_teacher(student: torch.nn.Module, share: float = 0.97) -> torch.nn.Module:
+    """Every student neuron twice (same gate/up rows): one copy writes ``share`` of its output,
+    the other the rest. Keeping one copy per neuron loses the other's share."""
+    src = copy.deepcopy(student)
+    fuse_norms_(src)
+    cfg = copy.deepcopy(src.config)
+    cfg.intermediate_size = 2 * cfg.intermediate_size
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_config(cfg).eval()
+    sd = {k: v for k, v in src.state_dict().items() if "mlp" not in k}
+    teacher.load_state_dict(sd, strict=False)
+    s, t = get_adapter(src), get_adapter(teacher)
+    for j in range(s.num_layers):
+        ls, lt = s.layer(j), t.layer(j)
+        for name in ("gate_proj", "up_proj"):
+            w = param(getattr(ls, name))
+            assign_(getattr(lt, name), "weight", torch.cat([w, w]))
+        d = param(ls.down_proj)
+        assign_(lt.down_proj, "weight", torch.cat([share * d, (1 - share) * d], dim=1))
+    return teacher
+
+
+def test_merging_neuron_clusters_keeps_what_selection_drops(tmp_path: Path) -> None:
+    student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    for layer in student.model.layers:  # a tiny random MLP writes little: make it matter
+        layer.mlp.down_proj.weight.data *= 5
+    teacher = duplicated_teacher(student)
+    tok = tiny_tokenizer()
+    ref = _kl(teacher, student)
+    assert ref < 1e-10  # the duplicated teacher computes the student's function
+    kls = {}
+    for reduce in ("select", "cluster"):
+        sol, _ = compress(
+            Subject(copy.deepcopy(teacher), tok),
+            Subject(copy.deepcopy(student), tok),
+            HARBOUR_DOCS,
+            tmp_path / reduce,
+            make_recipe(merge="none", basis="identity", mlp_reduce=reduce, **FAST),
+        )
+        kls[reduce] = _kl(teacher, sol.projected)
+        if reduce == "cluster":
+            assert all(m.merged is not None and len(m.merged[0]) == 48 for m in sol.mlp)
+    # each dropped copy is merged into its twin (a = share ratio): the function comes back
+    assert kls["cluster"] < 1e-3 * kls["select"], kls

@@ -14,8 +14,9 @@ Depth reduction (``depth="fold"``): when the layer map skips teacher blocks, stu
 draw its neurons from every teacher block of its span [m(j), m(j+1)) instead of block m(j)
 alone. Residual blocks add their outputs, so to first order (ignoring that a later block reads
 the earlier blocks' writes) the span's MLPs are one wider MLP whose neurons are the union; the
-most important d_ff(student) of the union are kept. Attention is not folded: heads of different
-blocks have different keys and values, which one KV group cannot hold.
+most important d_ff(student) of the union are kept (``mlp_reduce="cluster"``: the others are
+merged into them). Attention is not folded: heads of different blocks have different keys and
+values, which one KV group cannot hold.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class MlpPlan:
     kept_importance: float
     method: str
     sources: list[int] = field(default_factory=list)
+    # (dropped neuron, student slot, weight) when dropped neurons are merged into kept ones
+    merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -57,6 +60,7 @@ class MlpPlan:
             "flipped": int((self.signs < 0).sum()),
             "method": self.method,
             "sources": self.sources,
+            "merged_neurons": 0 if self.merged is None else len(self.merged[0]),
         }
 
 
@@ -75,9 +79,11 @@ def plan_mlp(
     v_out: torch.Tensor,
     match: str = "hungarian",
     fold: Sequence[int] = (),
+    reduce: str = "select",
 ) -> MlpPlan:
     """The neuron plan of student block ``j`` fed by teacher block ``tl`` (and, folded, by the
-    further teacher blocks ``fold``)."""
+    further teacher blocks ``fold``); ``reduce="cluster"`` merges the dropped neurons into the
+    kept ones (:func:`absorb_dropped`) instead of dropping them."""
     n_s = s.intermediate_size
     sources = [tl, *fold]
     tkeys = [f"blocks.{i}.mlp_hidden" for i in sources]
@@ -90,29 +96,69 @@ def plan_mlp(
     order = torch.argsort(imp, descending=True, stable=True)
     keep = order[:n_s]
     kept_share = float(imp[keep].sum() / imp.sum().clamp_min(1e-300))
-    signs = torch.ones(n_s, dtype=torch.float64)
-    method = "importance order"
-    corr_mean = 0.0
-    dumped = set(cap.dump_keys("teacher"))
-    if match == "hungarian" and set(tkeys) <= dumped and skey in cap.dump_keys("student"):
-        parts = [cap.dumps("teacher", k) for k in tkeys]
-        ds = cap.dumps("student", skey)
-        same = all(
-            torch.equal(dt["doc"], ds["doc"]) and torch.equal(dt["pos"], ds["pos"]) for dt in parts
-        )
-        x_t = torch.cat([dt["x"] for dt in parts], dim=1)
-        if same and x_t.shape[0] > 2:
-            corr = _standardise(x_t[:, keep]).T @ _standardise(ds["x"])  # n_s × n_s
-            cols = hungarian(corr.abs())  # kept teacher neuron a -> student neuron cols[a]
-            neurons = torch.empty(n_s, dtype=torch.int64)
-            neurons[cols] = keep
-            matched = corr[torch.arange(n_s), cols]
-            signs[cols] = torch.where(matched < 0, -1.0, 1.0).to(torch.float64)
-            corr_mean = float(matched.abs().mean())
-            return MlpPlan(
-                tl, neurons, signs, corr_mean, kept_share, "hungarian |corr|", sources
-            )
-    return MlpPlan(tl, keep, signs, corr_mean, kept_share, method, sources)
+    plan = MlpPlan(
+        tl, keep, torch.ones(n_s, dtype=torch.float64), 0.0, kept_share, "importance order", sources
+    )
+    x_t, x_s = _paired_dumps(cap, tkeys, skey)
+    if match == "hungarian" and x_t is not None and x_s is not None:
+        corr = _standardise(x_t[:, keep]).T @ _standardise(x_s)  # n_s × n_s
+        cols = hungarian(corr.abs())  # kept teacher neuron a -> student neuron cols[a]
+        plan.neurons = torch.empty(n_s, dtype=torch.int64)
+        plan.neurons[cols] = keep
+        matched = corr[torch.arange(n_s), cols]
+        plan.signs[cols] = torch.where(matched < 0, -1.0, 1.0).to(torch.float64)
+        plan.matched_correlation = float(matched.abs().mean())
+        plan.method = "hungarian |corr|"
+    if reduce == "cluster" and x_t is not None:
+        plan.merged = absorb_dropped(x_t, plan.neurons)
+        plan.method += " + clusters merged"
+    return plan
+
+
+def _paired_dumps(
+    cap: Capture, tkeys: list[str], skey: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The teacher's dumped hidden activations (blocks side by side) and the student's, when
+    both exist for the same tokens."""
+    if not set(tkeys) <= set(cap.dump_keys("teacher")) or skey not in cap.dump_keys("student"):
+        return None, None
+    parts = [cap.dumps("teacher", k) for k in tkeys]
+    ds = cap.dumps("student", skey)
+    same = all(
+        torch.equal(dt["doc"], ds["doc"]) and torch.equal(dt["pos"], ds["pos"]) for dt in parts
+    )
+    if not same or ds["x"].shape[0] <= 2:
+        return None, None
+    return torch.cat([dt["x"] for dt in parts], dim=1), ds["x"]
+
+
+def absorb_dropped(
+    x: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge every dropped neuron into the kept neuron that best predicts it.
+
+    With h_i ≈ a·h_k (least squares without intercept over the dumped tokens, a = E[h_i h_k] /
+    E[h_k²]), the dropped neuron's write d_i h_i is approximately a·d_i h_k, so student slot s
+    (fed by kept neuron k) writes with d_k + a·d_i: the cluster's output survives, the
+    neuron count does not grow. Each dropped neuron goes to the k with the most explained
+    energy E[h_i h_k]²/E[h_k²]. Returns (dropped neuron, student slot, a) as three vectors."""
+    x = f64(x)
+    n = x.shape[1]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[kept] = False
+    dropped = torch.arange(n)[mask]
+    if len(dropped) == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(0, dtype=torch.float64)
+    xk = x[:, kept]
+    e_k = (xk * xk).mean(0).clamp_min(1e-300)
+    slots, weights = [], []
+    for a in range(0, len(dropped), 1024):  # blocks of dropped neurons: bounded memory
+        c = x[:, dropped[a : a + 1024]].T @ xk / x.shape[0]  # dropped × kept
+        best = (c * c / e_k).argmax(1)
+        slots.append(best)
+        weights.append(c[torch.arange(len(best)), best] / e_k[best])
+    return dropped, torch.cat(slots), torch.cat(weights)
 
 
 def fold_spans(layer_map: Sequence[int], n_teacher: int) -> list[list[int]]:

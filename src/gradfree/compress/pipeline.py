@@ -280,7 +280,15 @@ def project(
     )
     mlp = [
         plan_mlp(
-            cap, t, s, j, layer_map[j], bases.write(j), recipe.mlp_match, fold=spans[j]
+            cap,
+            t,
+            s,
+            j,
+            layer_map[j],
+            bases.write(j),
+            recipe.mlp_match,
+            fold=spans[j],
+            reduce=recipe.mlp_reduce,
         )
         for j in range(s.num_layers)
     ]

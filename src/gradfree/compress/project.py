@@ -188,7 +188,11 @@ def _project_mlp_(
     down = torch.cat([f64(param(lt.down_proj)) for lt in sources], dim=1)
     assign_(lp.gate_proj, "weight", c * gate[idx] @ v_in)
     assign_(lp.up_proj, "weight", c * sg[:, None] * up[idx] @ v_in)
-    assign_(lp.down_proj, "weight", v_out.T @ down[:, idx] * sg[None, :])
+    cols = down[:, idx].clone()
+    if m.merged is not None:  # dropped neurons write through the kept neuron that predicts them
+        dropped, slot, weight = m.merged
+        cols.index_add_(1, slot, down[:, dropped] * weight[None, :])
+    assign_(lp.down_proj, "weight", v_out.T @ cols * sg[None, :])
     for name, sign in (("gate", None), ("up", sg)):
         b = rows(f"{name}_proj", "bias")
         if b is not None:

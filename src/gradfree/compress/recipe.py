@@ -30,6 +30,7 @@ PROJECTION_FIELDS = (
     "head_match",
     "value_align",
     "mlp_match",
+    "mlp_reduce",
     "depth",
     "kv",
     "head_rotation",
@@ -61,6 +62,9 @@ class CompressRecipe(BaseModel):
       needs a validation set, which ``gradfree experiment`` provides.
     * ``merge_layers``: when given, only these student blocks are merged; every other block, the
       embedding and the LM head keep the student's weights (α = 0): the per-layer α sweep.
+    * ``mlp_reduce``: the teacher neurons beyond the student's width are dropped ("select") or
+      merged into the kept neuron that best predicts each of them ("cluster", from the token
+      dumps; see :func:`gradfree.compress.mlp.absorb_dropped`).
     * ``kv``: "rotate" (the teacher's keys/values projected into the student's head shape) or
       "reuse" (seed 000's KV-basis reuse: the student's k/v projections are kept, the teacher's
       queries are turned into the student's key coordinates by a per-RoPE-pair SO(2) rotation and
@@ -92,6 +96,7 @@ class CompressRecipe(BaseModel):
     head_match: Literal["hungarian", "none"] = "hungarian"
     value_align: bool = True
     mlp_match: Literal["hungarian", "none"] = "hungarian"
+    mlp_reduce: Literal["select", "cluster"] = "select"
     kv: Literal["rotate", "reuse"] = "rotate"
     head_rotation: Literal["block_diagonal", "dense"] = "block_diagonal"
     merge: Merge = "optimal"
