@@ -14,7 +14,9 @@ from gradfree.provenance import machine, versions
 
 
 def _f(x: float | None, d: int = 4) -> str:
-    return "–" if x is None else f"{x:.{d}f}"
+    if x is None:
+        return "–"
+    return f"{0.0 if abs(x) < 0.5 * 10**-d else x:.{d}f}"  # no "-0.0000" from rounding
 
 
 def _pct(x: float, base: float) -> str:
@@ -31,6 +33,7 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {
             "row": name,
+            "kind": r["kind"],
             "study": r["study"],
             "calibration": r.get("calibration") or "–",
             "task_kl": task["kl"],
@@ -133,7 +136,8 @@ def _verdict(rows: list[dict[str, Any]], outs: list[str]) -> list[str]:
     good = [
         r["row"]
         for r in rows
-        if r["row"] != "student"
+        if r["kind"] != "teacher"
+        and r["row"] != "student"
         and r.get("kl_ci")
         and r["kl_ci"][1] < 0
         and r["task_ppl"] < student["task_ppl"]
