@@ -313,7 +313,8 @@ def _copy(model: nn.Module) -> nn.Module:
 def order_rows(rows: Sequence[Row], cfg: ExperimentConfig) -> list[Row]:
     """The matrix's student/teacher rows first, then compress rows grouped by calibration and
     projection (so each capture and projection is computed once, groups in the order they first
-    appear in the config), then the studies' other rows."""
+    appear in the config), then distilled-head rows whose texts were captured in full (they reuse
+    that capture), then the studies' other rows."""
     from gradfree.compress import make_recipe
     from gradfree.compress.recipe import PROJECTION_FIELDS
 
@@ -328,9 +329,15 @@ def order_rows(rows: Sequence[Row], cfg: ExperimentConfig) -> list[Row]:
         if r.kind == "compress":
             first.setdefault(group(r), i)
 
+    compress_texts = {
+        (r.calibration or cfg.calibration).key() for r in rows if r.kind == "compress"
+    }
+
     def key(r: Row) -> tuple[int, int]:
         if r.kind != "compress":
-            return (0 if r.study == "matrix" else 2, 0)
+            if r.head and (r.calibration or cfg.calibration).key() in compress_texts:
+                return (2, 0)  # after the full capture of its texts, whose final states it reuses
+            return (0 if r.study == "matrix" else 3, 0)
         return (1, first[group(r)])
 
     return sorted(rows, key=key)  # stable: the config's order within a group
