@@ -101,7 +101,10 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
     cfg = _config(
         _save(teacher, tmp_path / "t"),
         _save(student, tmp_path / "s"),
-        studies={"alpha_sweep": {"layers": [0], "alphas": [0.0, 1.0]}},
+        studies={
+            "alpha_sweep": {"layers": [0], "alphas": [0.0, 1.0]},
+            "data_efficiency": {"sizes": [2], "rows": ["student+head"]},
+        },
     )
     exp = make_experiment(cfg)
     out = run_experiment(exp, tmp_path / "exp", say=lambda _m: None, keep_work=True)
@@ -114,8 +117,9 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
     m = rows["joint/measured"]["measured_alpha"]
     kls = {c["alpha"]: c["validation_kl"] for c in m["candidates"]}
     assert set(kls) == {0.0, 0.5, 1.0} and kls[m["chosen_alpha"]] == min(kls.values())
-    h = rows["student+head"]["head"]
-    assert h["validation_chosen"]["kl"] <= h["validation_student"]["kl"]
+    for name in ("student+head", "student+head@2"):  # the full capture's states, and its own
+        h = rows[name]["head"]
+        assert h["validation_chosen"]["kl"] <= h["validation_student"]["kl"]
     # resume: nothing is recomputed, the numbers stay
     mtime = (out / "results.json").stat().st_mtime_ns
     said: list[str] = []
