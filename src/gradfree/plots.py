@@ -68,6 +68,28 @@ def line_plot(
     return path
 
 
+def bar_plot(
+    values: dict[str, float], path: Path, *, title: str, xlabel: str, logx: bool = False
+) -> Path:
+    """One horizontal bar per named value, in the given order (top to bottom), as a PNG."""
+    plt = _pyplot()
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    try:
+        ax.barh(range(len(names)), [values[n] for n in names], color="#4C72B0")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel=xlabel)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def decay_plot(panels: dict[str, dict[int, Sequence[float]]], path: Path, *, title: str) -> Path:
     """Panels of normalised spectra (λ_k/Σλ vs k, log-log), one line per layer coloured by depth."""
     plt = _pyplot()

@@ -172,21 +172,19 @@ def _series(
 
 def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
     """Task KL per row (log scale), KL against α per swept layer, KL against calibration size."""
-    from gradfree.plots import line_plot
+    from gradfree.plots import bar_plot, line_plot
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    main = [(n, r["task"]["kl"]) for n, r in results.items() if r["study"] == "matrix"]
+    main = {n: r["task"]["kl"] for n, r in results.items() if r["kind"] != "teacher"}
     if main:
         written.append(
-            line_plot(
-                {"task KL": (list(range(len(main))), [k for _, k in main])},
+            bar_plot(
+                main,
                 folder / "task_kl.png",
-                title="KL(teacher ‖ model) per row: "
-                + ", ".join(f"{i}={n}" for i, (n, _) in enumerate(main))[:120],
-                xlabel="row",
-                ylabel="KL per token",
-                logy=all(k > 0 for _, k in main),
+                title="KL(teacher ‖ model) on the task texts",
+                xlabel="KL per token (log scale)",
+                logx=all(k > 0 for k in main.values()),
             ).name
         )
     sweep = _series(results, "alpha_sweep", lambda n, r: (n.split("/")[1], r["recipe"]["alpha"]))
