@@ -130,6 +130,9 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
     assert (out / "results.json").stat().st_mtime_ns >= mtime
     with pytest.raises(GradfreeError, match="already exists"):
         run_experiment(exp, out, say=lambda _m: None)
+    (out / "results.json").write_text("{not json")  # a corrupted record: one sentence
+    with pytest.raises(GradfreeError, match="not valid JSON"):
+        run_experiment(exp, out, resume=True, say=lambda _m: None)
 
 
 @pytest.mark.parametrize(

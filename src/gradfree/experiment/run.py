@@ -360,7 +360,7 @@ def run_experiment(
     """
     from gradfree.compress import fold_pair_
     from gradfree.experiment.report import write_results
-    from gradfree.io import write_json_atomic
+    from gradfree.io import read_json, write_json_atomic
     from gradfree.provenance import Stopwatch
 
     out = Path(out)
@@ -368,7 +368,7 @@ def run_experiment(
     if out.exists():
         prev = out / "experiment.json"
         if resume and prev.exists():
-            old = json.loads(prev.read_text())
+            old = read_json(prev, "experiment record")
             if {k: v for k, v in old.items() if k not in ("rows", "studies")} != {
                 k: v for k, v in record.items() if k not in ("rows", "studies")
             }:
@@ -381,6 +381,13 @@ def run_experiment(
             raise GradfreeError(
                 f"The output folder {out} already exists; pass --resume or --overwrite."
             )
+    prior: dict[str, Any] = {}
+    results_path = out / "results.json"
+    if resume and results_path.exists():  # checked before any model is loaded
+        data = read_json(results_path, "results file")
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+            raise GradfreeError(f"The results file {results_path} holds no rows; cannot resume.")
+        prior = data["rows"]
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "experiment.json", record)
     clock = Stopwatch()
@@ -393,9 +400,7 @@ def run_experiment(
         teacher, student = models
     torch.manual_seed(0)
     eng = Engine(cfg, out, teacher, student, say, clock)
-    results_path = out / "results.json"
-    if resume and results_path.exists():
-        eng.results = json.loads(results_path.read_text())["rows"]
+    eng.results = prior
     rows = order_rows(expand_rows(cfg), cfg)
     with clock.stage("fold norms (function-preserving)"):
         fold_pair_(teacher.model, student.model)
