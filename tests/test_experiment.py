@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+from gradfree.capture import load_capture
 from gradfree.compress.planted import embed_student
 from gradfree.errors import GradfreeError
 from gradfree.experiment import expand_rows, make_experiment, run_experiment
+from gradfree.experiment.config import Texts
+from gradfree.experiment.run import longest_prefix
 from gradfree.testing import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,7 +106,7 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
         _save(student, tmp_path / "s"),
         studies={
             "alpha_sweep": {"layers": [0], "alphas": [0.0, 1.0]},
-            "data_efficiency": {"sizes": [2], "rows": ["student+head"]},
+            "data_efficiency": {"sizes": [2, 3], "rows": ["student+head"]},
         },
     )
     exp = make_experiment(cfg)
@@ -117,9 +120,14 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
     m = rows["joint/measured"]["measured_alpha"]
     kls = {c["alpha"]: c["validation_kl"] for c in m["candidates"]}
     assert set(kls) == {0.0, 0.5, 1.0} and kls[m["chosen_alpha"]] == min(kls.values())
-    for name in ("student+head", "student+head@2"):  # the full capture's states, and its own
-        h = rows[name]["head"]
+    for name in ("student+head", "student+head@2", "student+head@3"):
+        h = rows[name]["head"]  # the full capture's final states, or captures of their own
         assert h["validation_chosen"]["kl"] <= h["validation_student"]["kl"]
+    # the 3-document capture extended the 2-document one by one document, then merged
+    finals = [load_capture(p) for p in sorted((out / "work" / "final-states").glob("*/"))]
+    assert sorted(c.manifest["documents"]["count"] for c in finals) == [2, 3]
+    merged = next(c for c in finals if c.manifest["documents"]["count"] == 3)
+    assert len(merged.manifest["merged_from"]) == 2
     # resume: nothing is recomputed, the numbers stay
     mtime = (out / "results.json").stat().st_mtime_ns
     said: list[str] = []
@@ -148,8 +156,32 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
             "not in rows",
         ),
         ({"rows": [], "bogus": 1}, "Unknown experiment config option 'bogus'"),
+        (  # the default validation texts are calibration[32:44]
+            {
+                "rows": [{"name": "a"}],
+                "studies": {"data_efficiency": {"sizes": [40], "rows": ["a"]}},
+            },
+            r"calibration\[0:40\] of row 'a@40' overlap the validation",
+        ),
+        (
+            {"rows": [{"name": "a"}], "task": {"corpus": "tourguide", "split": "calibration"}},
+            "overlap the task texts",
+        ),
     ],
 )
 def test_bad_configs_fail_in_one_sentence(patch: dict[str, Any], message: str) -> None:
     with pytest.raises(GradfreeError, match=message):
         make_experiment({"teacher": "t", "student": "s", **patch})
+
+
+def test_longest_prefix_is_the_largest_strict_prefix_of_the_same_texts() -> None:
+    def t(limit: int | None, skip: int = 0, corpus: str = "tourguide") -> Texts:
+        return Texts(corpus=corpus, split="calibration", skip=skip, limit=limit)
+
+    have = [t(10), t(25), t(50), t(25, skip=1), t(40, corpus="news"), t(None)]
+    assert longest_prefix(t(50), have) == t(25)
+    assert longest_prefix(t(100), have) == t(50)
+    assert longest_prefix(t(10), have) is None
+    assert longest_prefix(t(None), have) is None
+    assert t(10).overlaps(t(5, skip=9)) and not t(10).overlaps(t(5, skip=10))
+    assert not t(10).overlaps(t(10, corpus="news"))

@@ -9,6 +9,7 @@ may merge.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,17 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[i
     return list(enc["input_ids"])
 
 
+def iter_windows(
+    tokenizer: Any, documents: Sequence[Any], max_length: int, add_special_tokens: bool = True
+) -> Iterator[tuple[int, list[int]]]:
+    """(document index, token ids) of every window in corpus order: each document tokenized as
+    a capture does and cut into consecutive windows of at most ``max_length`` tokens."""
+    for i, text in enumerate(_documents(documents)[1]):
+        ids = encode(tokenizer, text, add_special_tokens)
+        for start in range(0, len(ids), max_length):
+            yield i, ids[start : start + max_length]
+
+
 def token_windows(
     tokenizer: Any,
     documents: Sequence[Any],
@@ -159,16 +171,9 @@ def token_windows(
     limit: int,
     add_special_tokens: bool = True,
 ) -> list[list[int]]:
-    """The first ``limit`` capture windows in corpus order: each document tokenized as a capture
-    does and cut into consecutive windows of at most ``max_length`` tokens."""
-    out: list[list[int]] = []
-    for text in _documents(documents)[1]:
-        ids = encode(tokenizer, text, add_special_tokens)
-        for start in range(0, len(ids), max_length):
-            if len(out) == limit:
-                return out
-            out.append(ids[start : start + max_length])
-    return out
+    """The first ``limit`` capture windows in corpus order (:func:`iter_windows`)."""
+    windows = iter_windows(tokenizer, documents, max_length, add_special_tokens)
+    return [w for _, w in itertools.islice(windows, limit)]
 
 
 def _documents(documents: Sequence[Any]) -> tuple[list[str], list[str]]:

@@ -30,6 +30,14 @@ class Texts(BaseModel):
     def key(self) -> str:
         return f"{self.corpus}:{self.split or 'all'}:{self.skip}:{self.limit or 'all'}"
 
+    def overlaps(self, other: Texts) -> bool:
+        """Whether both select a common document (same corpus and split, ranges intersecting)."""
+        if (self.corpus, self.split) != (other.corpus, other.split):
+            return False
+        end = self.skip + self.limit if self.limit else float("inf")
+        other_end = other.skip + other.limit if other.limit else float("inf")
+        return self.skip < other_end and other.skip < end
+
     def label(self) -> str:
         part = f"/{self.split}" if self.split else ""
         n = f"[{self.skip}:{self.skip + self.limit}]" if self.limit else f"[{self.skip}:]"
@@ -163,7 +171,26 @@ class ExperimentConfig(BaseModel):
         de = self.studies.data_efficiency
         if de is not None and any(n < 1 for n in de.sizes):
             raise ValueError("data_efficiency sizes must be at least 1")
+        self._check_disjoint()
         return self
+
+    def _check_disjoint(self) -> None:
+        """Calibration texts (of every row, study and blend) share no document with the
+        validation, task or out-of-task texts: scores on seen documents would flatter a row."""
+        held = {"validation": self.validation, "task": self.task}
+        held.update({f"out-of-task {t.label()}": t for t in self.out_of_task})
+        cals = [("the config", self.calibration)]
+        for r in expand_rows(self):
+            cals.append((f"row {r.name!r}", r.calibration or self.calibration))
+            if r.blend is not None:
+                cals.append((f"row {r.name!r} (blend)", r.blend.calibration))
+        for who, cal in cals:
+            for what, texts in held.items():
+                if cal.overlaps(texts):
+                    raise ValueError(
+                        f"the calibration texts {cal.label()} of {who} overlap the {what} texts "
+                        f"{texts.label()}; held-out texts must be disjoint from calibration"
+                    )
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -26,6 +26,7 @@ from torch import nn
 from gradfree.errors import GradfreeError
 from gradfree.experiment.config import ExperimentConfig, Row, Texts, expand_rows
 from gradfree.experiment.scoring import Reference, bootstrap_delta, score, teacher_reference
+from gradfree.io import read_json, write_json_atomic
 
 CAPTURE_FIELDS = ("layer_map", "max_length", "batch_size", "dump_rate", "dump_max", "seed")
 
@@ -191,8 +192,55 @@ class Engine:
         assert best is not None
         return best[2], {"chosen_alpha": best[1], "candidates": tried}
 
-    def distil_head(self, model: nn.Module, cap: Any | None, texts: Texts) -> dict[str, Any]:
-        """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place)."""
+    def _final_settings(self) -> dict[str, Any]:
+        return {
+            "sites": ["final.normed"],
+            "max_length": self.cfg.max_length,
+            "batch_size": self.cfg.batch_size,
+        }
+
+    def final_states(self, texts: Texts) -> Any:
+        """The teacher's and the native student's final states on ``texts`` (kept on disk).
+
+        When a shorter prefix of the same texts was captured, only the documents after it are
+        captured and the two are merged: the statistics are sums, so the merge equals one
+        capture of all of them, and data-efficiency rows cost one pass over the largest size.
+        """
+        from gradfree.capture import Subject, load_capture, merge_captures, run_capture
+
+        root = self.work / "final-states"
+        key = _hash(texts.model_dump())
+        folder = root / key
+        if (folder / "manifest.json").exists():
+            return load_capture(folder)
+        have = [Texts(**read_json(p, "capture record")) for p in sorted(root.glob("*.json"))]
+        have = [h for h in have if (root / _hash(h.model_dump()) / "manifest.json").exists()]
+        prefix = longest_prefix(texts, have)
+        rest = texts
+        if prefix is not None:
+            assert prefix.limit is not None and texts.limit is not None
+            rest = texts.model_copy(
+                update={"skip": texts.skip + prefix.limit, "limit": texts.limit - prefix.limit}
+            )
+        subjects = {"teacher": self.t, "student": Subject(self.s.model, self.s.tokenizer)}
+        shutil.rmtree(folder, ignore_errors=True)
+        part = folder if prefix is None else root / f"{key}.part"
+        shutil.rmtree(part, ignore_errors=True)
+        self.say(f"final-state capture of {rest.label()}")
+        run_capture(subjects, load_texts(rest), part, self._final_settings())
+        if prefix is not None:
+            merge_captures([root / _hash(prefix.model_dump()), part], folder)
+            shutil.rmtree(part)
+        write_json_atomic(root / f"{key}.json", texts.model_dump())
+        return load_capture(folder)
+
+    def distil_head(
+        self, model: nn.Module, cap: Any | None, texts: Texts, *, native: bool = False
+    ) -> dict[str, Any]:
+        """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place).
+
+        ``native``: ``model`` is a copy of the native student, whose final-state captures are
+        kept and extended across rows (:meth:`final_states`)."""
         import tempfile
 
         from gradfree.capture import Subject, run_capture
@@ -209,16 +257,14 @@ class Engine:
             for k, w in enumerate(ref.ids)
         ]
         with tempfile.TemporaryDirectory(prefix="head-", dir=self.work) as tmp:
-            if cap is None:  # the model is not the captured student: capture its final states
+            if cap is None and native:
+                cap = self.final_states(texts)
+            elif cap is None:  # a built model: capture its final states for this row only
                 cap = run_capture(
                     {"teacher": self.t, "student": Subject(model, self.s.tokenizer)},
                     load_texts(texts),
                     Path(tmp) / "cap",
-                    {
-                        "sites": ["final.normed"],
-                        "max_length": self.cfg.max_length,
-                        "batch_size": self.cfg.batch_size,
-                    },
+                    self._final_settings(),
                 )
             choice = select_ridge_head(
                 model, self.t.model, cap, val, self.cfg.head_lambdas, self.cfg.head_blends
@@ -262,7 +308,7 @@ class Engine:
                 # Reuse a full paired capture of these texts when one exists (it holds the
                 # final states); otherwise capture only the final states (much cheaper).
                 cap = self.by_texts.get(texts.key())
-                info["head"] = self.distil_head(model, cap, texts)
+                info["head"] = self.distil_head(model, cap, texts, native=True)
             info["calibration"] = texts.label() if row.head else None
             return {**info, **self.measure(model)}
         recipe = make_recipe(self.base, **row.recipe)
@@ -302,6 +348,20 @@ class Engine:
         del model
         gc.collect()
         return out
+
+
+def longest_prefix(texts: Texts, have: Sequence[Texts]) -> Texts | None:
+    """The longest of ``have`` that is a strict prefix of ``texts`` (same corpus, split, skip)."""
+    if texts.limit is None:
+        return None
+    fits = [
+        h
+        for h in have
+        if (h.corpus, h.split, h.skip) == (texts.corpus, texts.split, texts.skip)
+        and h.limit is not None
+        and h.limit < texts.limit
+    ]
+    return max(fits, key=lambda h: h.limit or 0, default=None)
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -360,7 +420,6 @@ def run_experiment(
     """
     from gradfree.compress import fold_pair_
     from gradfree.experiment.report import write_results
-    from gradfree.io import read_json, write_json_atomic
     from gradfree.provenance import Stopwatch
 
     out = Path(out)

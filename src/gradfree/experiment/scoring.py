@@ -33,15 +33,14 @@ class Reference:
 
 
 def windows(tokenizer: Any, docs: Sequence[Any], max_length: int) -> tuple[list[Any], list[int]]:
-    """Non-overlapping windows of at most ``max_length`` tokens of every document (≥ 2 tokens)."""
+    """The capture's windows of every document (those of ≥ 2 tokens), with their document."""
+    from gradfree.capture.plan import iter_windows
+
     ids, owner = [], []
-    for i, d in enumerate(docs):
-        toks = tokenizer(d if isinstance(d, str) else d.text)["input_ids"]
-        for a in range(0, len(toks), max_length):
-            w = toks[a : a + max_length]
-            if len(w) >= 2:
-                ids.append(torch.tensor(w, dtype=torch.long))
-                owner.append(i)
+    for i, w in iter_windows(tokenizer, docs, max_length):
+        if len(w) >= 2:
+            ids.append(torch.tensor(w, dtype=torch.long))
+            owner.append(i)
     return ids, owner
 
 
