@@ -73,7 +73,8 @@ def test_planted_teacher_every_row_is_exact(tmp_path: Path) -> None:
                 {
                     "name": "heldout",
                     "calibration": {"corpus": "tourguide", "split": "heldout", "skip": 5},
-                    "rows": ["joint/none"],
+                    "validation": {"corpus": "tourguide", "split": "calibration", "limit": 2},
+                    "rows": ["joint/none", "student+head"],
                 }
             ],
             "composability": {
@@ -92,7 +93,11 @@ def test_planted_teacher_every_row_is_exact(tmp_path: Path) -> None:
     assert rows["joint/none"]["task"]["tokens"] == rows["student"]["task"]["tokens"] > 0
     assert rows["joint/none+blend0.5"]["study"] == "composability"
     assert rows["joint/none@2"]["calibration"].endswith("[0:2]")
+    # the transfer's head is chosen on texts of its own calibration domain
+    assert rows["student+head@heldout"]["validation"] == "tourguide/calibration[0:2]"
+    assert "validation" not in rows["student+head"]
     md = (out / "results.md").read_text()
+    assert "(validation KL on tourguide/calibration[0:2]" in md
     assert "`joint/none@heldout`" in md and "Time and peak memory" in md
     assert (out / "plots" / "alpha_sweep.png").exists()
     assert not (out / "work").exists()  # captures and references removed at the end
@@ -166,6 +171,26 @@ def test_unrelated_teacher_measured_choices_and_resume(tmp_path: Path) -> None:
         (
             {"rows": [{"name": "a"}], "task": {"corpus": "tourguide", "split": "calibration"}},
             "overlap the task texts",
+        ),
+        (
+            {
+                "rows": [{"name": "a"}],
+                "studies": {
+                    "transfer": [
+                        {
+                            "name": "n",
+                            "calibration": {"corpus": "news", "split": "calibration", "limit": 9},
+                            "validation": {"corpus": "news", "split": "calibration", "skip": 8},
+                            "rows": ["a"],
+                        }
+                    ]
+                },
+            },
+            r"news/calibration\[0:9\] of row 'a@n' overlap the validation texts",
+        ),
+        (
+            {"rows": [{"name": "a"}], "validation": {"corpus": "tourguide", "split": "heldout"}},
+            r"validation texts tourguide/heldout\[0:\] of the config overlap the task",
         ),
     ],
 )

@@ -60,7 +60,8 @@ class Row(BaseModel):
     ``kind``: "student" (the native student), "teacher" (the teacher itself, reference row),
     "compress" (a recipe, optionally with a distilled head). ``recipe`` overrides the config's
     base recipe. ``calibration`` overrides the config's calibration texts. ``head`` distils the
-    LM head of the result (λ, β chosen on the validation texts' KL).
+    LM head of the result (λ, β chosen on the validation texts' KL). ``validation`` overrides
+    the config's validation texts for this row's measured choices (head, measured α).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +71,7 @@ class Row(BaseModel):
     study: str = "matrix"
     recipe: dict[str, Any] = Field(default_factory=dict)
     calibration: Texts | None = None
+    validation: Texts | None = None
     head: bool = False
     blend: Blend | None = None
 
@@ -104,12 +106,15 @@ class DataEfficiency(BaseModel):
 
 
 class Transfer(BaseModel):
-    """The named rows calibrated on other texts (evaluation stays the same)."""
+    """The named rows calibrated on other texts (evaluation stays the same). ``validation``:
+    texts of the calibration's domain for the measured choices, so that no choice sees the task
+    (default: the config's validation texts)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     calibration: Texts
+    validation: Texts | None = None
     rows: list[str]
 
 
@@ -177,19 +182,27 @@ class ExperimentConfig(BaseModel):
     def _check_disjoint(self) -> None:
         """Calibration texts (of every row, study and blend) share no document with the
         validation, task or out-of-task texts: scores on seen documents would flatter a row."""
-        held = {"validation": self.validation, "task": self.task}
-        held.update({f"out-of-task {t.label()}": t for t in self.out_of_task})
-        cals = [("the config", self.calibration)]
+        tested = {"task": self.task}
+        tested.update({f"out-of-task {t.label()}": t for t in self.out_of_task})
+        fitted: list[tuple[str, str, Texts, Texts | None]] = [
+            ("calibration", "the config", self.calibration, self.validation)
+        ]
+        fitted.append(("validation", "the config", self.validation, None))
         for r in expand_rows(self):
-            cals.append((f"row {r.name!r}", r.calibration or self.calibration))
+            who, val = f"row {r.name!r}", r.validation or self.validation
+            fitted.append(("calibration", who, r.calibration or self.calibration, val))
             if r.blend is not None:
-                cals.append((f"row {r.name!r} (blend)", r.blend.calibration))
-        for who, cal in cals:
-            for what, texts in held.items():
-                if cal.overlaps(texts):
+                fitted.append(("calibration", f"{who} (blend)", r.blend.calibration, val))
+            if r.validation is not None:
+                fitted.append(("validation", who, r.validation, None))
+        for kind, who, texts, chosen_on in fitted:
+            held = dict(tested) if chosen_on is None else {"validation": chosen_on, **tested}
+            for what, other in held.items():
+                if texts.overlaps(other):
                     raise ValueError(
-                        f"the calibration texts {cal.label()} of {who} overlap the {what} texts "
-                        f"{texts.label()}; held-out texts must be disjoint from calibration"
+                        f"the {kind} texts {texts.label()} of {who} overlap the {what} texts "
+                        f"{other.label()}; held-out texts must be disjoint from what is fitted "
+                        "or chosen on"
                     )
 
 
@@ -232,7 +245,13 @@ def expand_rows(cfg: ExperimentConfig) -> list[Row]:
             texts = cfg.calibration.model_copy(update={"limit": n})
             again(st.data_efficiency.rows, f"@{n}", "data_efficiency", calibration=texts)
     for tr in st.transfer:
-        again(tr.rows, f"@{tr.name}", "transfer", calibration=tr.calibration)
+        again(
+            tr.rows,
+            f"@{tr.name}",
+            "transfer",
+            calibration=tr.calibration,
+            validation=tr.validation,
+        )
     comp = st.composability
     if comp is not None:
         for w in comp.weights:

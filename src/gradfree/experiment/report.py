@@ -116,11 +116,12 @@ def markdown(
                 tried = ", ".join(
                     f"α={c['alpha']:g}: {c['validation_kl']:.4f}" for c in m["candidates"]
                 )
-                lines.append(f"- `{n}`: α = {m['chosen_alpha']:g} ({tried})")
+                where = f" on {r['validation']}" if r.get("validation") else ""
+                lines.append(f"- `{n}`: α = {m['chosen_alpha']:g}{where} ({tried})")
             if r.get("head"):
-                h = r["head"]
+                h, where = r["head"], f" on {r['validation']}" if r.get("validation") else ""
                 lines.append(
-                    f"- `{n}` head: λ = {h['lambda']}, β = {h['blend']} (validation KL "
+                    f"- `{n}` head: λ = {h['lambda']}, β = {h['blend']} (validation KL{where} "
                     f"{h['validation_student']['kl']:.4f} → {h['validation_chosen']['kl']:.4f})"
                 )
         lines.append("")

@@ -174,7 +174,26 @@ class Engine:
         out.diagnostics = a.diagnostics
         return out
 
-    def measured_alpha(self, proj: Any, recipe: Any, cap: Any) -> tuple[Any, dict[str, Any]]:
+    def validation(self, row: Row) -> Reference:
+        """The teacher reference of the texts ``row``'s measured choices are made on."""
+        if row.validation is None:
+            return self.refs["validation"]
+        name = f"validation:{row.validation.label()}"
+        if name not in self.refs:
+            folder = self.work / "refs" / _hash(row.validation.model_dump())
+            with self.clock.stage(f"teacher reference: {name}"):
+                self.refs[name] = teacher_reference(
+                    self.t.model,
+                    self.s.tokenizer,
+                    load_texts(row.validation),
+                    folder,
+                    self.cfg.max_length,
+                )
+        return self.refs[name]
+
+    def measured_alpha(
+        self, proj: Any, recipe: Any, cap: Any, val: Reference
+    ) -> tuple[Any, dict[str, Any]]:
         """The uniform α (from ``recipe.alpha_grid``, 0 included) with the lowest validation KL."""
         from gradfree.compress import make_recipe, merge
 
@@ -183,7 +202,7 @@ class Engine:
         for a in sorted({0.0, *recipe.alpha_grid}):
             r = make_recipe(recipe, merge="uniform", alpha=a, alpha_grid=[])
             sol = merge(proj, self.t.model, self.s.model, cap, r)
-            kl = score(sol.model, self.refs["validation"])["kl"]
+            kl = score(sol.model, val)["kl"]
             tried.append({"alpha": a, "validation_kl": kl})
             if best is None or kl < best[0]:
                 best = (kl, a, sol)
@@ -235,7 +254,13 @@ class Engine:
         return load_capture(folder)
 
     def distil_head(
-        self, model: nn.Module, cap: Any | None, texts: Texts, *, native: bool = False
+        self,
+        model: nn.Module,
+        cap: Any | None,
+        texts: Texts,
+        ref: Reference,
+        *,
+        native: bool = False,
     ) -> dict[str, Any]:
         """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place).
 
@@ -251,7 +276,6 @@ class Engine:
             select_ridge_head,
         )
 
-        ref = self.refs["validation"]
         val = [
             ValidationDoc(w, final_states(model, w).cpu(), ref.teacher_logp(k))
             for k, w in enumerate(ref.ids)
@@ -278,7 +302,7 @@ class Engine:
     def measure(self, model: nn.Module) -> dict[str, Any]:
         res: dict[str, Any] = {}
         for name, ref in self.refs.items():
-            if name != "validation":
+            if not name.startswith("validation"):
                 res[name] = score(model, ref)
         if self.questions:
             from gradfree.corpora import system_prompt
@@ -299,6 +323,8 @@ class Engine:
 
         info: dict[str, Any] = {"study": row.study, "kind": row.kind}
         texts = row.calibration or self.cfg.calibration
+        if row.validation is not None:
+            info["validation"] = row.validation.label()
         if row.kind == "teacher":
             return {**info, **self.measure(self.t.model)}
         if row.kind == "student":
@@ -308,7 +334,9 @@ class Engine:
                 # Reuse a full paired capture of these texts when one exists (it holds the
                 # final states); otherwise capture only the final states (much cheaper).
                 cap = self.by_texts.get(texts.key())
-                info["head"] = self.distil_head(model, cap, texts, native=True)
+                info["head"] = self.distil_head(
+                    model, cap, texts, self.validation(row), native=True
+                )
             info["calibration"] = texts.label() if row.head else None
             return {**info, **self.measure(model)}
         recipe = make_recipe(self.base, **row.recipe)
@@ -318,7 +346,9 @@ class Engine:
         proj = self.projection(row, recipe, cap)
         with self.clock.stage(f"merge {row.name}"):
             if recipe.merge == "measured":
-                sol, info["measured_alpha"] = self.measured_alpha(proj, recipe, cap)
+                sol, info["measured_alpha"] = self.measured_alpha(
+                    proj, recipe, cap, self.validation(row)
+                )
             else:
                 docs = load_texts(texts) if recipe.ridge_recapture else None
                 sol = merge(
@@ -342,7 +372,7 @@ class Engine:
         model = sol.model if sol.model is not proj.projected else _copy(proj.projected)
         if row.head:
             with self.clock.stage(f"head {row.name}"):
-                info["head"] = self.distil_head(model, None, texts)
+                info["head"] = self.distil_head(model, None, texts, self.validation(row))
         del sol
         out = {**info, **self.measure(model)}
         del model
