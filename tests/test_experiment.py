@@ -210,3 +210,14 @@ def test_longest_prefix_is_the_largest_strict_prefix_of_the_same_texts() -> None
     assert longest_prefix(t(None), have) is None
     assert t(10).overlaps(t(5, skip=9)) and not t(10).overlaps(t(5, skip=10))
     assert not t(10).overlaps(t(10, corpus="news"))
+
+
+def test_study_series_are_sorted_by_x_whatever_the_row_order() -> None:
+    from gradfree.experiment.report import _series
+
+    def row(kl: float) -> dict[str, Any]:
+        return {"study": "data_efficiency", "task": {"kl": kl}}
+
+    results = {"h@100": row(1.0), "h@10": row(3.0), "h@50": row(2.0), "s": {"study": "matrix"}}
+    series = _series(results, "data_efficiency", lambda n, _r: ("h", float(n.split("@")[1])))
+    assert series == {"h": ([10.0, 50.0, 100.0], [3.0, 2.0, 1.0])}

@@ -160,15 +160,14 @@ def _series(
     study: str,
     where: Callable[[str, dict[str, Any]], tuple[str, float]],
 ) -> dict[str, tuple[Sequence[float], Sequence[float]]]:
-    """Task KL of a study's rows as named (x, y) series; ``where`` gives (series name, x)."""
-    out: dict[str, tuple[list[float], list[float]]] = {}
+    """Task KL of a study's rows as named (x, y) series sorted by x (rows run in any order);
+    ``where`` gives (series name, x)."""
+    points: dict[str, list[tuple[float, float]]] = {}
     for n, r in results.items():
         if r["study"] == study:
             label, x = where(n, r)
-            xs, ys = out.setdefault(label, ([], []))
-            xs.append(x)
-            ys.append(r["task"]["kl"])
-    return dict(out)
+            points.setdefault(label, []).append((x, r["task"]["kl"]))
+    return {k: ([x for x, _ in sorted(v)], [y for _, y in sorted(v)]) for k, v in points.items()}
 
 
 def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
