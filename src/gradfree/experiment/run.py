@@ -84,11 +84,7 @@ class Engine:
         for t in cfg.out_of_task:
             named[f"out:{t.label()}"] = t
         for name, texts in named.items():
-            folder = self.work / "refs" / _hash(texts.model_dump())
-            with self.clock.stage(f"teacher reference: {name}"):
-                self.refs[name] = teacher_reference(
-                    self.t.model, self.s.tokenizer, load_texts(texts), folder, cfg.max_length
-                )
+            self._reference(name, texts)
         if cfg.questions:
             from gradfree.corpora import load_questions
 
@@ -174,22 +170,21 @@ class Engine:
         out.diagnostics = a.diagnostics
         return out
 
+    def _reference(self, name: str, texts: Texts) -> Reference:
+        """The teacher reference of ``texts`` under ``name`` (computed once, kept on disk)."""
+        if name not in self.refs:
+            folder = self.work / "refs" / _hash(texts.model_dump())
+            with self.clock.stage(f"teacher reference: {name}"):
+                self.refs[name] = teacher_reference(
+                    self.t.model, self.s.tokenizer, load_texts(texts), folder, self.cfg.max_length
+                )
+        return self.refs[name]
+
     def validation(self, row: Row) -> Reference:
         """The teacher reference of the texts ``row``'s measured choices are made on."""
         if row.validation is None:
             return self.refs["validation"]
-        name = f"validation:{row.validation.label()}"
-        if name not in self.refs:
-            folder = self.work / "refs" / _hash(row.validation.model_dump())
-            with self.clock.stage(f"teacher reference: {name}"):
-                self.refs[name] = teacher_reference(
-                    self.t.model,
-                    self.s.tokenizer,
-                    load_texts(row.validation),
-                    folder,
-                    self.cfg.max_length,
-                )
-        return self.refs[name]
+        return self._reference(f"validation:{row.validation.label()}", row.validation)
 
     def measured_alpha(
         self, proj: Any, recipe: Any, cap: Any, val: Reference
@@ -254,18 +249,10 @@ class Engine:
         return load_capture(folder)
 
     def distil_head(
-        self,
-        model: nn.Module,
-        cap: Any | None,
-        texts: Texts,
-        ref: Reference,
-        *,
-        native: bool = False,
+        self, model: nn.Module, cap: Any | None, texts: Texts, ref: Reference
     ) -> dict[str, Any]:
-        """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place).
-
-        ``native``: ``model`` is a copy of the native student, whose final-state captures are
-        kept and extended across rows (:meth:`final_states`)."""
+        """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place);
+        ``cap`` None: ``model`` is a built model, whose final states are captured for it alone."""
         import tempfile
 
         from gradfree.capture import Subject, run_capture
@@ -281,9 +268,7 @@ class Engine:
             for k, w in enumerate(ref.ids)
         ]
         with tempfile.TemporaryDirectory(prefix="head-", dir=self.work) as tmp:
-            if cap is None and native:
-                cap = self.final_states(texts)
-            elif cap is None:  # a built model: capture its final states for this row only
+            if cap is None:
                 cap = run_capture(
                     {"teacher": self.t, "student": Subject(model, self.s.tokenizer)},
                     load_texts(texts),
@@ -334,9 +319,8 @@ class Engine:
                 # Reuse a full paired capture of these texts when one exists (it holds the
                 # final states); otherwise capture only the final states (much cheaper).
                 cap = self.by_texts.get(texts.key())
-                info["head"] = self.distil_head(
-                    model, cap, texts, self.validation(row), native=True
-                )
+                cap = self.final_states(texts) if cap is None else cap
+                info["head"] = self.distil_head(model, cap, texts, self.validation(row))
             info["calibration"] = texts.label() if row.head else None
             return {**info, **self.measure(model)}
         recipe = make_recipe(self.base, **row.recipe)
