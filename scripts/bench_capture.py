@@ -40,9 +40,9 @@ class Doc:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[Doc]] | None:
-    from gradfree.corpora import load_corpus
-    from gradfree.errors import GradfreeError
+    from gradfree.base.errors import GradfreeError
     from gradfree.models import MODELS, is_fetched, load_model
+    from gradfree.texts.corpora import load_corpus
 
     if args.model in MODELS and not is_fetched(args.model):
         print(f"Model {args.model} is not fetched; run `gradfree models fetch {args.model}` first.")

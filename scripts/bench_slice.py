@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from gradfree.adapters import get_adapter
-from gradfree.corpora import load_corpus
-from gradfree.evaluate import evaluate
+from gradfree.base.provenance import Stopwatch, machine, versions
+from gradfree.evaluation.run import evaluate
 from gradfree.models import load_model
-from gradfree.provenance import Stopwatch, machine, versions
 from gradfree.surgery import basis as B
 from gradfree.surgery import fuse_norms_, slice_, untie_
 from gradfree.surgery.export import plan_widths
+from gradfree.texts.corpora import load_corpus
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
 FRACTIONS = [0.10, 0.20, 0.25, 0.30]

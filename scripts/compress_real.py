@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gradfree.base.provenance import Stopwatch
 from gradfree.capture import load_capture
 from gradfree.compress import (
     capture_pair,
@@ -26,10 +27,9 @@ from gradfree.compress import (
     merge,
     project,
 )
-from gradfree.corpora import load_corpus
-from gradfree.evaluate import evaluate
+from gradfree.evaluation.run import evaluate
 from gradfree.models import load_model
-from gradfree.provenance import Stopwatch
+from gradfree.texts.corpora import load_corpus
 
 
 def parse_variant(base: Any, spec: str) -> Any:
@@ -109,7 +109,7 @@ def main() -> None:
         fold_pair_(t.model, s.model)
     cap_dir = args.out / "capture"
     base = make_recipe(max_length=args.max_length)
-    from gradfree.layermap import proportional_map
+    from gradfree.solvers.layermap import proportional_map
 
     lmap = proportional_map(len(t.model.model.layers), len(s.model.model.layers))
     with clock.stage("paired capture"):
@@ -135,7 +135,7 @@ def main() -> None:
                 with clock.stage(f"attention KL {name}"):
                     sol.attention_kl = measure_attention_kl(sol, t.model, s.tokenizer, calib, cap)
             run_eval(name, sol.model)
-            results[name]["merge"] = sol.merge.describe() if sol.merge else None
+            results[name]["merge"] = sol.alphas.describe() if sol.merge else None
             results[name]["profile"] = sol.merge_profile()
             res_path.write_text(json.dumps(results, indent=2))
             if name == args.save:

@@ -52,12 +52,12 @@ def _bootstrap(a: list[dict[str, float]], b: list[dict[str, float]], seed: int =
 
 
 def main() -> None:
+    from gradfree.base.io import check_new_output
+    from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.compress.head import apply_head_, fit_head, validation_set
     from gradfree.compress.report import save_checkpoint
-    from gradfree.corpora import load_corpus
-    from gradfree.io import check_new_output
     from gradfree.models import load_model
-    from gradfree.provenance import Stopwatch, machine, versions
+    from gradfree.texts.corpora import load_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="qwen2.5-coder-1.5b-instruct")

@@ -28,7 +28,7 @@ import yaml
 
 
 def _ppl(folder: str, docs: list[Any], args: argparse.Namespace) -> dict[str, Any]:
-    from gradfree.evaluate import evaluate
+    from gradfree.evaluation.run import evaluate
     from gradfree.models import load_model
 
     m = load_model(folder)
@@ -42,7 +42,6 @@ def _variants(args: argparse.Namespace, inputs: Path, log: dict[str, Any]) -> No
     import torch
 
     from gradfree.capture import make_config, run_capture
-    from gradfree.corpora import load_corpus
     from gradfree.models import load_model
     from gradfree.solvers import procrustes_from_cross
     from gradfree.surgery import (
@@ -51,6 +50,7 @@ def _variants(args: argparse.Namespace, inputs: Path, log: dict[str, Any]) -> No
         random_orthogonal,
         rotate_residual_,
     )
+    from gradfree.texts.corpora import load_corpus
 
     a = load_model(args.model)
     fuse_norms_(a.model)
@@ -101,8 +101,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
 
-    from gradfree.corpora import load_corpus
     from gradfree.models import resolve_model
+    from gradfree.texts.corpora import load_corpus
 
     out: Path = args.out
     inputs = out / "inputs"
@@ -183,7 +183,7 @@ def main() -> None:
 
 def _write_results(out: Path, log: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Written after every row, so an interrupted run keeps what it measured."""
-    from gradfree.provenance import machine, versions
+    from gradfree.base.provenance import machine, versions
 
     log["rows"] = rows
     log["machine"] = machine()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from gradfree.adapters import ARCHITECTURES, ModelAdapter, get_adapter
-from gradfree.errors import GradfreeError
-from gradfree.testing import PRESETS, tiny_model
+from gradfree.base.errors import GradfreeError
+from gradfree.testing.tiny import PRESETS, tiny_model
 
 CASES = [*sorted(ARCHITECTURES), *sorted(PRESETS), "llama-tied", "qwen3-untied", "llama-mha"]
 

@@ -25,7 +25,7 @@ from gradfree.surgery import (
     random_orthogonal,
     rotate_residual_,
 )
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 
 TEXTS = [
     "The old bridge crosses the river near the market square.",

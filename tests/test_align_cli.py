@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gradfree.cli import main
-from gradfree.testing import save_tiny
+from gradfree.testing.tiny import save_tiny
 
 TEXTS = [
     "The old bridge crosses the river near the market square.",

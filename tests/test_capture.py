@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gradfree.adapters import get_adapter
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import (
     CaptureConfig,
     Subject,
@@ -28,8 +29,7 @@ from gradfree.capture import (
     site_hooks,
 )
 from gradfree.capture.stats import MomentStats
-from gradfree.errors import GradfreeError
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 
 ALL_SITES = [
     "resid_pre",

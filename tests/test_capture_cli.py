@@ -1,4 +1,4 @@
-"""`gradfree capture` and `gradfree capture merge` end to end on tiny model folders."""
+"""`gradfree capture` and `gradfree capture combine` end to end on tiny model folders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from gradfree.capture import load_capture
 from gradfree.cli import main
-from gradfree.testing import save_tiny, tiny_tokenizer
+from gradfree.testing.tiny import save_tiny, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_paired_capture_and_merge(work: Path, capsys: pytest.CaptureFixture[str]
         )
         assert code == 0, err
     code, out, err = _run(
-        ["capture", "merge", str(work / "a"), str(work / "b"), "--out", str(work / "ab")], capsys
+        ["capture", "combine", str(work / "a"), str(work / "b"), "--out", str(work / "ab")], capsys
     )
     assert code == 0, err
     merged = load_capture(work / "ab")

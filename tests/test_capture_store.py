@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradfree.capture import Capture, Subject, load_capture, merge_captures, run_capture
+from gradfree.base.errors import GradfreeError
+from gradfree.capture import Capture, Subject, combine_captures, load_capture, run_capture
 from gradfree.capture.dumps import doc_key, uniform
-from gradfree.errors import GradfreeError
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 from test_capture import Doc, docs, window_acts
 
 CFG: dict[str, Any] = {
@@ -117,7 +117,7 @@ def test_merge_equals_capture_of_the_whole(pair: dict[str, Subject], tmp_path: P
     whole = _run(pair, corpus, tmp_path / "whole", cfg={"dump_max": 40})
     a = _run(pair, corpus[:cut], tmp_path / "a", cfg={"dump_max": 40})
     b = _run(pair, corpus[cut:], tmp_path / "b", cfg={"dump_max": 40})
-    merged = merge_captures([a, b.path], tmp_path / "ab")
+    merged = combine_captures([a, b.path], tmp_path / "ab")
     _all_equal(merged, whole, rtol=1e-12)
     assert merged.tokens("student") == whole.tokens("student")
     assert merged.manifest["run_hash"] == whole.manifest["run_hash"]
@@ -125,10 +125,10 @@ def test_merge_equals_capture_of_the_whole(pair: dict[str, Subject], tmp_path: P
     assert merged.dumps("teacher", "final.normed")["x"].shape[0] == 40  # dump_max holds
 
     with pytest.raises(GradfreeError, match="share document 'd0'; merging needs disjoint"):
-        merge_captures([a, whole], tmp_path / "bad")
+        combine_captures([a, whole], tmp_path / "bad")
     other = _run(pair, corpus[cut:], tmp_path / "o", cfg={"dump_max": 40, "seed": 1})
     with pytest.raises(GradfreeError, match="differ in the setting 'seed'; only captures of"):
-        merge_captures([a, other], tmp_path / "bad")
+        combine_captures([a, other], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -197,4 +197,4 @@ def test_merge_refuses_other_models(tmp_path: Path) -> None:
     a = _run(Subject(tiny_model("llama"), tok), docs(2, "a"), tmp_path / "a", cfg=cfg)
     b = _run(Subject(tiny_model("llama", seed=5), tok), docs(2, "b"), tmp_path / "b", cfg=cfg)
     with pytest.raises(GradfreeError, match=r"differ in the model \(fingerprint\); only captures"):
-        merge_captures([a, b], tmp_path / "ab")
+        combine_captures([a, b], tmp_path / "ab")

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import Subject
 from gradfree.compress import compress, load_recipe, make_recipe
 from gradfree.compress.attention import rope_pairs
-from gradfree.compress.merge import alpha_terms
-from gradfree.compress.planted import embed_student
-from gradfree.errors import GradfreeError
+from gradfree.compress.interpolate import alpha_terms
 from gradfree.solvers import optimal_alpha
-from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
+from gradfree.testing.planted import embed_student
+from gradfree.testing.tiny import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
 DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}
@@ -110,7 +110,7 @@ def test_merges_with_another_teacher_change_the_student_and_ridge_head_fits_bett
     # A merge with a real teacher must change the model (so the fixed-point test cannot pass by
     # returning the student unconditionally), and the ridge head must reach a lower logit loss
     # against the teacher than the student's head and the α-merged head (it is their minimiser).
-    from gradfree.compress import capture_pair, fold_pair_, merge, project
+    from gradfree.compress import capture_pair, fold_pair_, interpolate, project
     from gradfree.solvers import linear_loss_from_stats
 
     student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, seed=0)
@@ -123,10 +123,10 @@ def test_merges_with_another_teacher_change_the_student_and_ridge_head_fits_bett
         Subject(teacher, tok), Subject(student, tok), DOCS, tmp_path / "cap", recipe, [0, 1]
     )
     proj = project(teacher, student, cap, recipe)
-    uni = merge(proj, teacher, student, cap, make_recipe(recipe, merge="uniform", alpha=0.5))
+    uni = interpolate(proj, teacher, student, cap, make_recipe(recipe, merge="uniform", alpha=0.5))
     assert not torch.allclose(_logits(uni.model), ref, atol=1e-3)
-    opt = merge(proj, teacher, student, cap, make_recipe(recipe, merge="optimal"))
-    head = merge(
+    opt = interpolate(proj, teacher, student, cap, make_recipe(recipe, merge="optimal"))
+    head = interpolate(
         proj,
         teacher,
         student,
@@ -143,12 +143,12 @@ def test_merges_with_another_teacher_change_the_student_and_ridge_head_fits_bett
         return linear_loss_from_stats(xtx, xty, yty, m.lm_head.weight.detach().double())
 
     assert loss(head.model) < loss(opt.model) <= loss(student) + 1e-9
-    assert 0.0 <= opt.merge.head <= 1.0 if opt.merge else False
+    assert 0.0 <= opt.alphas.head <= 1.0 if opt.alphas else False
 
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_ridge_with_recapture_recovers_a_planted_teacher(every: int, tmp_path: Path) -> None:
-    # compress() hands its calibration documents to merge(); the planted teacher's targets are
+    # compress() hands its calibration documents to interpolate(); the planted teacher's targets are
     # the student's own outputs, so every recaptured fit (and the recaptured head) is the student.
     student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     teacher, _ = embed_student(student, 48, seed=3, permute=True)
@@ -221,7 +221,7 @@ def test_recapture_beats_one_pass_ridge_on_held_out_documents(
     # ridge fits even block 0 from inputs the merged model no longer has (its embedding is
     # α-merged); recapture fits each block to the inputs that the fitted blocks produce.
     from gradfree.capture import run_capture
-    from gradfree.compress import merge
+    from gradfree.compress import interpolate
     from gradfree.compress.distill import reader_errors
 
     t, s, cap, proj = (
@@ -234,8 +234,8 @@ def test_recapture_beats_one_pass_ridge_on_held_out_documents(
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    one = merge(proj, t, s, cap, proj.recipe.model_copy(update={"merge": "ridge"}))
-    rc = merge(
+    one = interpolate(proj, t, s, cap, proj.recipe.model_copy(update={"merge": "ridge"}))
+    rc = interpolate(
         proj,
         t,
         s,
@@ -281,7 +281,7 @@ def test_reader_errors_match_the_loss_on_the_tokens(
     from gradfree.capture import run_capture
     from gradfree.capture.hooks import site_hooks
     from gradfree.compress.distill import reader_errors
-    from gradfree.compress.merge import _aug, attn_group_rows
+    from gradfree.compress.interpolate import _aug, attn_group_rows
 
     t, s, proj, tok = (
         tiny_pair["teacher"],
@@ -328,7 +328,7 @@ def test_reader_errors_match_the_loss_on_the_tokens(
 
 
 def test_recapture_without_documents_fails_in_one_sentence(tiny_pair: dict[str, Any]) -> None:
-    from gradfree.compress import merge, solve
+    from gradfree.compress import interpolate, solve
 
     t, s, cap, proj = (
         tiny_pair["teacher"],
@@ -342,7 +342,7 @@ def test_recapture_without_documents_fails_in_one_sentence(tiny_pair: dict[str, 
         r"documents= and tokenizer= to merge\(\) or solve\(\)\.$"
     )
     with pytest.raises(GradfreeError, match=msg):
-        merge(proj, t, s, cap, recipe)
+        interpolate(proj, t, s, cap, recipe)
     with pytest.raises(GradfreeError, match=msg):
         solve(t, s, cap, recipe, documents=DOCS)  # documents without their tokenizer
 

@@ -16,7 +16,7 @@ from gradfree.compress import compress, make_recipe
 from gradfree.compress.mlp import fold_spans
 from gradfree.surgery import fuse_norms_
 from gradfree.surgery.edit import assign_, param
-from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0, "attention_kl_windows": 0}

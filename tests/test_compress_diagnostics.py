@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import Subject
 from gradfree.capture.plan import token_windows
 from gradfree.compress import compress, make_recipe
 from gradfree.compress.attention_kl import attention_kl
-from gradfree.compress.planted import embed_student
-from gradfree.errors import GradfreeError
 from gradfree.solvers import (
     causal_attention_logprobs,
     gaussian_mi_per_dim,
     gaussian_mutual_information,
     kl_rows,
 )
-from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
+from gradfree.testing.planted import embed_student
+from gradfree.testing.tiny import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
 DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}

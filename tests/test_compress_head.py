@@ -13,7 +13,7 @@ import torch
 from gradfree.capture import Subject, run_capture
 from gradfree.compress.head import apply_head_, head_scores, select_ridge_head, validation_set
 from gradfree.surgery import untie_
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 
 FIT = [
     f"Stop {i}: the harbour is {i * 7} steps from the old square, past the tower. " * 2
@@ -73,7 +73,7 @@ def test_distill_head_command_writes_a_plain_checkpoint(
     from transformers import AutoModelForCausalLM
 
     from gradfree.cli import main
-    from gradfree.testing import save_tiny
+    from gradfree.testing.tiny import save_tiny
 
     teacher = save_tiny(tmp_path / "t", "qwen2", seed=1, hidden_size=48, num_attention_heads=4)
     student = save_tiny(tmp_path / "s", "qwen2", seed=2)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import Subject
-from gradfree.compress import capture_pair, compress, fold_pair_, make_recipe, merge, project
-from gradfree.compress.planted import embed_student
-from gradfree.errors import GradfreeError
+from gradfree.compress import capture_pair, compress, fold_pair_, interpolate, make_recipe, project
 from gradfree.solvers import pair_rotation, rope_pair_procrustes
-from gradfree.testing import HARBOUR_DOCS, tiny_model, tiny_tokenizer
+from gradfree.testing.planted import embed_student
+from gradfree.testing.tiny import HARBOUR_DOCS, tiny_model, tiny_tokenizer
 
 DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}
@@ -168,7 +168,7 @@ def test_kv_reuse_merges_keep_the_students_keys_and_values_bit_for_bit(tmp_path:
     proj = project(teacher, student, cap, recipe)
     assert all(len(p.key_alignment) == student.config.num_key_value_heads for p in proj.attention)
     for mode in ("uniform", "optimal", "ridge"):
-        sol = merge(proj, teacher, student, cap, make_recipe(recipe, merge=mode, alpha=0.5))
+        sol = interpolate(proj, teacher, student, cap, make_recipe(recipe, merge=mode, alpha=0.5))
         for lm, ls in zip(sol.model.model.layers, student.model.layers, strict=True):
             for name in ("k_proj", "v_proj", "k_norm"):
                 for pm, ps in zip(
@@ -181,7 +181,7 @@ def test_kv_reuse_merges_keep_the_students_keys_and_values_bit_for_bit(tmp_path:
             q_m = sol.model.model.layers[0].self_attn.q_proj.weight
             assert not torch.allclose(q_m, student.model.layers[0].self_attn.q_proj.weight)
     with pytest.raises(GradfreeError, match=r"^The recipe's kv differs from the projection's"):
-        merge(proj, teacher, student, cap, make_recipe(recipe, kv="rotate", merge="uniform"))
+        interpolate(proj, teacher, student, cap, make_recipe(recipe, kv="rotate", merge="uniform"))
 
 
 def test_dense_head_rotation_is_exact_on_the_planted_pair(tmp_path: Path) -> None:

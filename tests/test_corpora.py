@@ -1,4 +1,4 @@
-"""Tests of gradfree.corpora and gradfree.corpus_fetch: loaders, errors, manifests, the parsers
+"""Tests of gradfree.texts.corpora and gradfree.texts.fetch: loaders, errors, manifests, the parsers
 of the public archives (on tiny archives built here) and `gradfree data`. Offline and fast."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gradfree import corpora, corpus_fetch
+from gradfree.base.errors import GradfreeError
 from gradfree.cli import build_app
-from gradfree.corpora import Document, corpus_manifest, load_corpus
-from gradfree.errors import GradfreeError
+from gradfree.texts import corpora
+from gradfree.texts import fetch as corpus_fetch
+from gradfree.texts.corpora import Document, corpus_manifest, load_corpus
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from gradfree.align.config import AblateConfig, AlignConfig
-from gradfree.demo import DemoConfig, run_demo
-from gradfree.errors import GradfreeError
-from gradfree.testing import save_tiny
+from gradfree.base.errors import GradfreeError
+from gradfree.experiment.demo import DemoConfig, run_demo
+from gradfree.testing.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

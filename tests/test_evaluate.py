@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradfree import metrics
+from gradfree.base.errors import GradfreeError
 from gradfree.cli import main
-from gradfree.errors import GradfreeError
-from gradfree.evaluate import (
+from gradfree.evaluation import metrics
+from gradfree.evaluation.run import (
     _Runner,
     answer_questions,
     build_prompt,
@@ -25,7 +25,7 @@ from gradfree.evaluate import (
     make_windows,
     write_eval,
 )
-from gradfree.testing import save_tiny, tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 DOCS = [
     "hi",  # 2 tokens: one scored
@@ -292,9 +292,9 @@ def test_written_report(tmp_path: Path, model64, tok) -> None:
 
 @pytest.fixture
 def fake_corpora(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our own documents and questions in place of gradfree.corpora's, so that these tests do not
-    depend on its texts."""
-    from gradfree import corpora
+    """Our own documents and questions in place of gradfree.texts.corpora's, so that these tests
+    do not depend on its texts."""
+    from gradfree.texts import corpora
 
     docs = [SimpleNamespace(id=f"d{i}", text=t) for i, t in enumerate(DOCS)]
     monkeypatch.setattr(corpora, "load_corpus", lambda name, split=None, limit=None: docs[:limit])

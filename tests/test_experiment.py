@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import load_capture
-from gradfree.compress.planted import embed_student
-from gradfree.errors import GradfreeError
 from gradfree.experiment import expand_rows, make_experiment, run_experiment
 from gradfree.experiment.config import Texts
 from gradfree.experiment.run import longest_prefix
-from gradfree.testing import tiny_model, tiny_tokenizer
+from gradfree.testing.planted import embed_student
+from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

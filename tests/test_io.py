@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gradfree.errors import GradfreeError
-from gradfree.io import atomic_dir, write_json_atomic
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import atomic_dir, write_json_atomic
 
 
 def _mode(p: Path) -> int:

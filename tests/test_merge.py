@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from gradfree.cli import main
 from gradfree.merge import load_recipe, merge
-from gradfree.testing import save_tiny, tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 TEXTS = [
     "The old town square has a fountain from 1620.",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.merge import get_method, make_recipe
 from gradfree.merge.fisher import fisher_average
 from gradfree.merge.linear import linear_combination, slerp

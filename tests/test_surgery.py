@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery import (
     exact_rmsnorm,
     fuse_norms_,
@@ -33,7 +33,7 @@ from gradfree.surgery import (
     rotate_residual_,
     untie_,
 )
-from gradfree.testing import tiny_model
+from gradfree.testing.tiny import tiny_model
 
 CASES = [
     "llama",

@@ -25,7 +25,7 @@ from gradfree.surgery import fuse_norms_, random_orthogonal, rotate_residual_, r
 from gradfree.surgery.export import plan_widths
 from gradfree.surgery.slicing import allowed_width, nearest_allowed_width
 from gradfree.surgery.transitions import logits_with_transitions, transition_study
-from gradfree.testing import save_tiny, tiny_config, tiny_model, tiny_tokenizer
+from gradfree.testing.tiny import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
 # Every adapter family; all four have GQA (4 query heads in 2 KV groups), qwen2 has q/k/v biases,
 # qwen3 ties its embeddings and has q_norm/k_norm.
@@ -172,8 +172,8 @@ def test_sliced_output_equals_the_same_surgery_in_memory(
     back = AutoModelForCausalLM.from_pretrained(out)
     assert back.config.hidden_size == 48 and get_adapter(back).hidden_size == 48
     # the same steps by hand, through the library
-    from gradfree.corpora import load_corpus
     from gradfree.surgery import slice_
+    from gradfree.texts.corpora import load_corpus
 
     loaded = load_model(str(folders[case]))
     fuse_norms_(loaded.model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradfree.adapters import ModelAdapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery import (
     as_permutation,
     check_orthogonal,

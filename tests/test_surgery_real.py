@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gradfree.corpora import load_corpus
 from gradfree.models import is_fetched, load_model
+from gradfree.texts.corpora import load_corpus
 from test_surgery import rel_err, scramble
 
 REAL = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery import exact_rmsnorm, fuse_norms_, random_orthogonal, rotate_residual_, slice_
 from gradfree.surgery.edit import all_norms, set_norm_eps_
-from gradfree.testing import tiny_model
+from gradfree.testing.tiny import tiny_model
 
 IDS = torch.randint(0, 259, (2, 13), generator=torch.Generator().manual_seed(1))
 CASES = ["llama", "mistral", "qwen2", "qwen3", "qwen3-4b-like", "qwen2.5-0.5b-like"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gradfree.adapters.base import ArchSpec, HeadGeometry, LayerAdapter, ModelAdapter, RopeInfo
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
     from torch import nn

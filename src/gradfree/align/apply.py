@@ -19,7 +19,7 @@ import torch
 
 from gradfree.adapters import get_adapter
 from gradfree.align.fit import AlignmentPlan
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery import (
     fuse_norms_,
     permute_heads_,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gradfree import metrics
+from gradfree.evaluation import metrics
 
 ABSTAIN = (
     "not sure",
@@ -81,7 +81,7 @@ def build_reference(
     system_prompt: str = "",
     max_new_tokens: int = 16,
 ) -> Reference:
-    from gradfree.evaluate import answer_questions
+    from gradfree.evaluation.run import answer_questions
 
     pairs = [*plan.layer_map, None]
     ref = Reference([], [], [])
@@ -136,7 +136,7 @@ def evaluate_variant(
     system_prompt: str = "",
     max_new_tokens: int = 16,
 ) -> dict[str, Any]:
-    from gradfree.evaluate import answer_questions
+    from gradfree.evaluation.run import answer_questions
 
     n_sites = len(ref.coords[0]) if ref.coords else 0
     sums: list[dict[str, Any]] = [

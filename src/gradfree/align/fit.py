@@ -21,7 +21,7 @@ from gradfree.align import rotations as rot
 from gradfree.align.config import AlignConfig
 from gradfree.align.head import fit_ridge_head
 from gradfree.align.permutations import head_permutation, head_similarity, neuron_permutation
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 @dataclass
@@ -80,7 +80,7 @@ def generate_style_texts(
 ) -> list[tuple[list[int], int]]:
     """(token ids, continuation start) per place: the chat prompt "Tell me about <place>." with
     the system prompt, continued greedily by the teacher for ``n_tokens`` tokens."""
-    from gradfree.evaluate import build_prompt
+    from gradfree.evaluation.run import build_prompt
 
     out = []
     dev = next(teacher.parameters()).device
@@ -270,7 +270,7 @@ def fit_alignment(
         s_final = cap.stats("student", "final.normed", "all")
         c_final = cap.cross("final.normed", "final.normed", "all")
         if cfg.style_prompts and places:
-            from gradfree.corpora import system_prompt as default_prompt
+            from gradfree.texts.corpora import system_prompt as default_prompt
 
             gen = generate_style_texts(
                 tm,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from gradfree.errors import GradfreeError
-from gradfree.io import read_json, sha256_text, write_json_atomic
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import read_json, sha256_text, write_json_atomic
 from gradfree.surgery import rotation_hash
 
 
@@ -152,7 +152,7 @@ def check_ledger(folder: Path, tol: float = 1e-5) -> dict[str, Any]:
 
 def plot_check(result: dict[str, Any], out: Path) -> list[Path]:
     """Per-layer orthogonality errors and fit cosines/residuals as PNGs in ``out``."""
-    from gradfree.plots import line_plot
+    from gradfree.base.plots import line_plot
 
     rows = result["layers"]
     x = [r["layer"] for r in rows]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradfree.numerics import f64, sym_eigh
+from gradfree.base.numerics import f64, sym_eigh
 from gradfree.solvers import best_reflection_from_cross, pca_basis, procrustes_from_cross
 from gradfree.solvers.procrustes import semi_orthogonal_map
 

@@ -17,11 +17,11 @@ from gradfree.align.apply import applied_bases, apply_plan_, function_preserving
 from gradfree.align.config import VARIANTS, AblateConfig, AlignConfig
 from gradfree.align.fit import AlignmentPlan, fit_alignment
 from gradfree.align.ledger import manifest, write_ledger
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 def _calibration(cfg: AlignConfig) -> list[Any]:
-    from gradfree.corpora import load_corpus
+    from gradfree.texts.corpora import load_corpus
 
     return load_corpus(cfg.corpus, split=cfg.split, limit=cfg.limit)
 
@@ -66,8 +66,8 @@ def run_align(
     """Fit on the calibration corpus, fold the chosen steps into the student, save
     ``model/`` (a plain checkpoint), ``rotations/<run_id>/``, ``manifest.json``,
     ``config.json``, ``align.json`` and ``report.md`` into ``out``."""
-    from gradfree.io import atomic_dir, write_json_atomic, write_text_atomic
-    from gradfree.provenance import Stopwatch, machine, versions
+    from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.base.provenance import Stopwatch, machine, versions
 
     say = say or (lambda m: None)
     docs = _calibration(cfg)
@@ -213,9 +213,9 @@ def run_ablation(
     from gradfree.align.evaluate import build_reference, evaluate_variant
     from gradfree.align.fit import generate_style_texts
     from gradfree.align.report import render_ablation
-    from gradfree.corpora import load_corpus, load_questions, system_prompt
-    from gradfree.io import atomic_dir, write_json_atomic, write_text_atomic
-    from gradfree.provenance import Stopwatch, machine, versions
+    from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.base.provenance import Stopwatch, machine, versions
+    from gradfree.texts.corpora import load_corpus, load_questions, system_prompt
 
     say = say or (lambda m: None)
     acfg = cfg.align.model_copy(

@@ -3,7 +3,7 @@
 One model, or a teacher and a student on the same tokens, is run over documents with hooks at
 canonical sites (:mod:`.sites`); every site streams into float64 :class:`MomentStats` (and, for
 paired runs, teacher×student :class:`CrossStats`), saved as safetensors shards with a manifest
-(:mod:`.store`). Captures resume after interruption and merge associatively over disjoint
+(:mod:`.store`). Captures resume after interruption and combine associatively over disjoint
 documents.
 
     cap = run_capture(subject, docs, "out/cap", CaptureConfig(sites=["resid_pre", "v"]))
@@ -12,9 +12,9 @@ documents.
 
 from __future__ import annotations
 
+from gradfree.capture.combine import combine_captures
 from gradfree.capture.config import CaptureConfig, make_config
 from gradfree.capture.hooks import hook_count, site_hooks
-from gradfree.capture.merge import merge_captures
 from gradfree.capture.plan import Subject
 from gradfree.capture.runner import run_capture
 from gradfree.capture.sites import DEFAULT_SITES, SITES, Site, parse_layers, parse_sites
@@ -30,10 +30,10 @@ __all__ = [
     "MomentStats",
     "Site",
     "Subject",
+    "combine_captures",
     "hook_count",
     "load_capture",
     "make_config",
-    "merge_captures",
     "parse_layers",
     "parse_sites",
     "run_capture",

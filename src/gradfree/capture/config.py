@@ -3,7 +3,7 @@
 Every field that changes the statistics lives here (sites, layers, windows, masking, dumps, seed);
 the device and dtype are properties of the models passed in and are recorded in the manifest.
 The resolved config is written to ``config.json`` in every capture folder, and its hash decides
-whether an interrupted capture may be resumed or two captures merged.
+whether an interrupted capture may be resumed or two captures combined.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import sha256_text
 from gradfree.capture.sites import (
     DEFAULT_CROSS_SITES,
     DEFAULT_SITES,
@@ -20,8 +22,6 @@ from gradfree.capture.sites import (
     parse_layers,
     parse_sites,
 )
-from gradfree.errors import GradfreeError
-from gradfree.io import sha256_text
 
 
 class CaptureConfig(BaseModel):

@@ -3,7 +3,7 @@
 Nothing here runs a model. The plan fixes everything the statistics depend on, so that its
 ``run_hash`` (config + model fingerprints + dtypes + documents) decides whether an interrupted
 capture may resume, and its ``settings_hash`` (the same without documents) whether two captures
-may merge.
+may be combined.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from gradfree.adapters import ModelAdapter, get_adapter
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import sha256_text
 from gradfree.capture.config import CaptureConfig
 from gradfree.capture.sites import SITES, is_full, keys_for, site_key, split_key
-from gradfree.errors import GradfreeError
-from gradfree.io import sha256_text
-from gradfree.layermap import resolve_map
+from gradfree.solvers.layermap import resolve_map
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _role_plan(
     widths = {k: SITES[split_key(k)[1]].width(adapter) for k in keys}
     full = {k: is_full(split_key(k)[1], cfg.full, cfg.diagonal) for k in keys}
     dump_keys = [k for k in keys if split_key(k)[1] in cfg.dump_sites]
-    identity = {  # what the statistics depend on (hashed for resume and merge checks)
+    identity = {  # what the statistics depend on (hashed for resume and combine checks)
         "fingerprint": fingerprint(subject),
         "model_type": adapter.model_type,
         "num_layers": adapter.num_layers,

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import check_new_output, read_json, sha256_file, write_json_atomic
 from gradfree.capture.config import CaptureConfig, make_config
 from gradfree.capture.dumps import DumpWriter, doc_key, select
 from gradfree.capture.hooks import SiteHooks, site_hooks
@@ -44,8 +46,6 @@ from gradfree.capture.store import (
     moment_shard,
     verify_shards,
 )
-from gradfree.errors import GradfreeError
-from gradfree.io import check_new_output, read_json, sha256_file, write_json_atomic
 
 
 @dataclass

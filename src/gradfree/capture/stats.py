@@ -1,11 +1,11 @@
-"""Streaming sufficient statistics of activations, in float64, that merge associatively.
+"""Streaming sufficient statistics of activations, in float64, that combine associatively.
 
 :class:`MomentStats` holds, for vectors x in R^d seen so far: the count n, Σx, Σxxᵀ (full, or
 only its diagonal for very wide sites), Σx³, Σx⁴ per dimension and max|x| per dimension.
 :class:`CrossStats` holds Σaᵀb between two paired streams (teacher and student tokens).
 
 Both follow scikit-learn's streaming convention: ``update`` (alias ``partial_fit``) folds a batch
-in and returns ``self``; ``merge`` (``+``) combines two accumulators over disjoint data into the
+in and returns ``self``; ``combine`` (``+``) adds two accumulators over disjoint data into the
 accumulator of the union, exactly up to float64 rounding, so captures shard across workers.
 Everything derived (mean, covariance, correlation, kurtosis) is computed from raw sums on demand.
 
@@ -131,7 +131,7 @@ class MomentStats:
         if self.dim != other.dim or self.full != other.full:
             raise ValueError("cannot combine statistics of different widths or kinds")
 
-    def merge(self, other: MomentStats) -> MomentStats:
+    def combine(self, other: MomentStats) -> MomentStats:
         """The statistics of the union of two disjoint streams (a new object on self's device)."""
         import torch
 
@@ -147,7 +147,7 @@ class MomentStats:
             torch.maximum(self.absmax, other.absmax.to(self.device)),
         )
 
-    __add__ = merge
+    __add__ = combine
 
     def subtract(self, other: MomentStats) -> MomentStats:
         """Remove a sub-stream (e.g. first-token statistics); ``absmax`` stays an upper bound."""
@@ -307,7 +307,7 @@ class CrossStats:
 
     partial_fit = update
 
-    def merge(self, other: CrossStats) -> CrossStats:
+    def combine(self, other: CrossStats) -> CrossStats:
         if (self.dim_a, self.dim_b) != (other.dim_a, other.dim_b):
             raise ValueError("cannot combine cross statistics of different widths")
         return CrossStats(
@@ -319,7 +319,7 @@ class CrossStats:
             self.m_ab + other.m_ab.to(self.device),
         )
 
-    __add__ = merge
+    __add__ = combine
 
     def cross_covariance(self, centered: bool = True) -> torch.Tensor:
         if self.count == 0:

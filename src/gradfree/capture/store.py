@@ -35,10 +35,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import as_created, read_json, sha256_file
 from gradfree.capture.sites import shard_of
 from gradfree.capture.stats import CrossStats, MomentStats
-from gradfree.errors import GradfreeError
-from gradfree.io import as_created, read_json, sha256_file
 
 FORMAT = "gradfree.capture/1"
 PARTS = ("head", "body")

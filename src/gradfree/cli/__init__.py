@@ -11,7 +11,7 @@ import sys
 import typer
 
 from gradfree import __version__
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 # Command modules, in the order `gradfree --help` lists them.
 COMMAND_MODULES = [

@@ -22,7 +22,7 @@ def ablate_command(
 ) -> None:
     """Evaluate every alignment toggle against the teacher: one results table."""
     from gradfree.align.config import AblateConfig, load_config
-    from gradfree.io import check_new_output
+    from gradfree.base.io import check_new_output
 
     check_new_output(out, overwrite)
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None

@@ -38,7 +38,7 @@ def align_command(
 ) -> None:
     """Rotate and permute the student to the teacher's coordinates; optionally refine, refit."""
     from gradfree.align.config import AlignConfig, load_config
-    from gradfree.io import check_new_output
+    from gradfree.base.io import check_new_output
 
     check_new_output(out, overwrite)
     kw = {

@@ -1,8 +1,8 @@
 """`gradfree capture`: activation statistics of one model or a teacher/student pair, and
-`gradfree capture merge`: combine captures over disjoint documents.
+`gradfree capture combine`: add captures over disjoint documents.
 
 Thin: parse, build a :class:`~gradfree.capture.CaptureConfig`, call
-:func:`~gradfree.capture.run_capture` / :func:`~gradfree.capture.merge_captures`, print a summary.
+:func:`~gradfree.capture.run_capture` / :func:`~gradfree.capture.combine_captures`, print a summary.
 The library (and torch) is imported only when a command runs.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
     from gradfree.capture import Capture
@@ -87,10 +87,10 @@ def capture(
         return
     import time
 
+    from gradfree.base.io import check_new_output
     from gradfree.capture import make_config, run_capture
-    from gradfree.corpora import corpus_manifest, load_corpus
-    from gradfree.io import check_new_output
     from gradfree.models import load_model
+    from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     paired = teacher is not None or student is not None
     if (model is not None) == paired or (paired and (teacher is None or student is None)):
@@ -140,28 +140,30 @@ def capture(
     _summary(cap, "capture", time.perf_counter() - t0)
 
 
-def merge(
+def combine(
     captures: list[Path] = typer.Argument(..., help="Capture folders over disjoint documents."),
     out: Path = typer.Option(..., "--out", help="Output capture folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
-    """Merge captures of the same models and settings over disjoint documents."""
+    """Combine captures of the same models and settings over disjoint documents."""
     import time
 
-    from gradfree.capture import merge_captures
+    from gradfree.capture import combine_captures
 
     t0 = time.perf_counter()
-    cap = merge_captures(captures, out, overwrite=overwrite)
-    _summary(cap, "merged capture", time.perf_counter() - t0)
+    cap = combine_captures(captures, out, overwrite=overwrite)
+    _summary(cap, "combined capture", time.perf_counter() - t0)
 
 
 def register(app: typer.Typer) -> None:
-    """Add `capture` (and its `merge` subcommand) to the root app."""
+    """Add `capture` (and its `combine` subcommand) to the root app."""
     sub = typer.Typer(
-        help="Capture activation statistics; `capture merge` combines captures.",
+        help="Capture activation statistics; `capture combine` adds captures of disjoint texts.",
         invoke_without_command=True,
         no_args_is_help=False,
     )
     sub.callback(invoke_without_command=True)(capture)
-    sub.command("merge")(merge)
+    sub.command("combine")(combine)
+    # the name of the first releases, kept so that existing scripts still run
+    sub.command("merge", hidden=True)(combine)
     app.add_typer(sub, name="capture")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.models import load_pair
 
 
@@ -36,10 +36,10 @@ def compress(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Compress a teacher into a student-shaped checkpoint (gradient-free) and write a report."""
+    from gradfree.base.io import check_new_output
     from gradfree.compress import compress as run
     from gradfree.compress import load_recipe, make_recipe
-    from gradfree.corpora import corpus_manifest, load_corpus
-    from gradfree.io import check_new_output
+    from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     overrides = {"basis": basis, "merge": merge, "alpha": alpha, "max_length": max_length}
     rec = load_recipe(recipe, **overrides) if recipe else make_recipe(None, **overrides)
@@ -100,9 +100,9 @@ def distill_head(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """Distil the teacher's logits into the student's LM head (ridge + blend, chosen by KL)."""
+    from gradfree.base.io import check_new_output
     from gradfree.compress.head import distill_head as run
-    from gradfree.corpora import load_corpus
-    from gradfree.io import check_new_output
+    from gradfree.texts.corpora import load_corpus
 
     lam, beta = _floats(lambdas, "lambdas"), _floats(blends, "blends")
     if any(b <= 0 or b > 1 for b in beta) or any(v <= 0 for v in lam):

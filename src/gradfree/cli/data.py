@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradfree.corpora import BUILTIN, CORPORA, fetch_corpus, list_corpora
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
+from gradfree.texts.corpora import BUILTIN, CORPORA, fetch_corpus, list_corpora
 
 _CACHE_HELP = "Cache root (default: $GRADFREE_CACHE or ~/.cache/gradfree)."
 

@@ -29,7 +29,7 @@ def demo_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """Fetch the default pair and texts, capture, analyse spectra, evaluate, write report.md."""
-    from gradfree.demo import DemoConfig, run_demo
+    from gradfree.experiment.demo import DemoConfig, run_demo
 
     extra: dict[str, Any] = {} if ablation else {"ablation": None}
     if not experiment:

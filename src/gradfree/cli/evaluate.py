@@ -1,5 +1,5 @@
 """`gradfree eval`: perplexity of a model on a corpus, agreement with a teacher, and answers to
-the held-out questions; writes eval.json and eval.md (see :mod:`gradfree.evaluate`)."""
+the held-out questions; writes eval.json and eval.md (see :mod:`gradfree.evaluation.run`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 
 def _layers(text: str | None) -> list[int] | None:
-    from gradfree.errors import GradfreeError
+    from gradfree.base.errors import GradfreeError
 
     if not text:
         return None
@@ -52,12 +52,12 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """Evaluate a model: perplexity, agreement with a teacher, and short answers."""
-    from gradfree.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
-    from gradfree.errors import GradfreeError
-    from gradfree.evaluate import check_window_settings, evaluate, write_eval
-    from gradfree.io import check_new_output
+    from gradfree.base.errors import GradfreeError
+    from gradfree.base.io import check_new_output
+    from gradfree.base.provenance import versions
+    from gradfree.evaluation.run import check_window_settings, evaluate, write_eval
     from gradfree.models import load_model
-    from gradfree.provenance import versions
+    from gradfree.texts.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
 
     check_new_output(out, overwrite)  # cheap checks first, before loading anything big
     check_window_settings(max_length, stride)

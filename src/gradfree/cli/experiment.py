@@ -24,7 +24,7 @@ def experiment(
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep captures and references."),
 ) -> None:
     """Build and measure every row of an experiment (gradient-free), write results.md."""
-    from gradfree.configfile import read_yaml_mapping
+    from gradfree.base.configfile import read_yaml_mapping
     from gradfree.experiment import make_experiment, run_experiment
 
     data = read_yaml_mapping(config, "experiment file")

@@ -18,7 +18,7 @@ def check_command(
 ) -> None:
     """Recompute the orthogonality statistics of a ledger; exit 1 when a check fails."""
     from gradfree.align.ledger import check_ledger, plot_check
-    from gradfree.io import atomic_dir, check_new_output, write_json_atomic
+    from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic
 
     if out is not None:
         check_new_output(out, overwrite)

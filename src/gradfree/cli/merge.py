@@ -28,7 +28,7 @@ def merge_command(
 ) -> None:
     """Merge same-shape models (linear, soups, SLERP, task arithmetic, TIES, DARE, Fisher,
     RegMean) into a plain Hugging Face checkpoint."""
-    from gradfree.errors import GradfreeError
+    from gradfree.base.errors import GradfreeError
     from gradfree.merge import list_methods as methods
     from gradfree.merge import load_recipe, merge
 

@@ -16,7 +16,7 @@ def _log(msg: str) -> None:
 
 
 def _run(options: dict[str, Any], overwrite: bool) -> None:
-    from gradfree.io import check_new_output
+    from gradfree.base.io import check_new_output
     from gradfree.surgery.config import make_surgery_config
     from gradfree.surgery.export import run_surgery
 

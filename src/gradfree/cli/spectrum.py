@@ -1,7 +1,7 @@
 """`gradfree spectrum`: eigenvalue spectra of a capture (and singular values of a model's weights).
 
 Writes spectrum.json, spectrum.md, PNG plots and eigenvalues.safetensors into --out; see
-:mod:`gradfree.spectrum` for what is measured and why (seed 002's Df claim).
+:mod:`gradfree.spectrum.compute` for what is measured and why (seed 002's Df claim).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def spectrum(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ) -> None:
     """Eigenvalue spectra of captured activations in several variants, and weight spectra."""
-    from gradfree.io import check_new_output
-    from gradfree.spectrum_report import build_report, write_report
+    from gradfree.base.io import check_new_output
+    from gradfree.spectrum.report import build_report, write_report
 
     check_new_output(out, overwrite)  # fail before any work
     report = build_report(

@@ -11,11 +11,10 @@ head-dim reduction and neuron selection/matching, then merged with the student
 
 Modules: ``recipe`` (the strict recipe), ``bases`` (residual bases + diagnostics), ``attention``
 (head plans), ``kv`` (seed 000's KV-basis reuse and dense value ablation), ``mlp`` (neuron
-plans), ``project`` (W' = V_outᵀ W V_in), ``merge`` (α modes and interpolation), ``distill``
-(closed-form ridge of the readers), ``recapture`` (the ridge fitted block by block from
-recaptured inputs), ``pipeline`` (the steps), ``attention_kl`` (attention KL per block and KV
-group against the teacher), ``report`` (the output folder), ``planted`` (teachers built from a
-student, for tests).
+plans), ``project`` (W' = V_outᵀ W V_in), ``interpolate`` (α modes and W = α W'_T + (1 − α) W_S),
+``distill`` (closed-form ridge of the readers), ``recapture`` (the ridge fitted block by block
+from recaptured inputs), ``pipeline`` (the steps), ``attention_kl`` (attention KL per block and
+KV group against the teacher), ``head`` (the distilled LM head), ``report`` (the output folder).
 """
 
 from gradfree.compress.pipeline import (
@@ -23,8 +22,8 @@ from gradfree.compress.pipeline import (
     capture_pair,
     compress,
     fold_pair_,
+    interpolate,
     measure_attention_kl,
-    merge,
     project,
     resolve_layer_map,
     solve,
@@ -38,10 +37,10 @@ __all__ = [
     "capture_pair",
     "compress",
     "fold_pair_",
+    "interpolate",
     "load_recipe",
     "make_recipe",
     "measure_attention_kl",
-    "merge",
     "project",
     "resolve_layer_map",
     "save_checkpoint",

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from gradfree.adapters import LayerAdapter, ModelAdapter
+from gradfree.base.errors import GradfreeError
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
 from gradfree.compress.kv import dense_values, key_rotations, student_value_maps, value_variance
-from gradfree.errors import GradfreeError
-from gradfree.numerics import f64
 from gradfree.solvers import hungarian, pca_basis, procrustes_from_cross
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from gradfree.adapters import ModelAdapter, get_adapter
+from gradfree.base.errors import GradfreeError
 from gradfree.capture.hooks import site_hooks
 from gradfree.compress.attention import AttentionPlan
-from gradfree.errors import GradfreeError
 from gradfree.solvers import causal_attention_logprobs, kl_rows
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
-from gradfree.numerics import f64
 from gradfree.solvers import (
     align_tiers,
     gaussian_mi_per_dim,

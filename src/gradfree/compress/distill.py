@@ -6,7 +6,7 @@ For each reader (q/k/v rows of matched heads, gate, up) the ridge solution
 
 with X̃_S the student's captured inputs (a constant feature appended: the bias is fitted too) and
 Y_T = W'_T u the projected teacher's outputs on the teacher's own inputs (u as in
-:mod:`.merge`), from the same statistics as the optimal α: E[x̃ x̃ᵀ] and E[x̃ ũᵀ] W'_Tᵀ.
+:mod:`.interpolate`), from the same statistics as the optimal α: E[x̃ x̃ᵀ] and E[x̃ ũᵀ] W'_Tᵀ.
 :func:`gradfree.solvers.ridge_from_stats` does the solve; λ is relative to the mean of
 diag(E[x̃ x̃ᵀ]). This is "activation-informed merging" at the granularity of output rows.
 
@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
-from gradfree.numerics import f64
 from gradfree.solvers import ridge_from_stats
 from gradfree.surgery.edit import assign_, maybe_param, param
 
@@ -41,7 +41,7 @@ def _fit_rows_(
     lam: float,
     rows: torch.Tensor | None = None,
 ) -> None:
-    from gradfree.compress.merge import _aug
+    from gradfree.compress.interpolate import _aug
 
     ws, wp = _aug(student, rows), _aug(proj, rows)
     w = ridge_from_stats(a, m @ wp.T, prior=ws, rel_lam=lam)  # out × (in + 1)
@@ -56,7 +56,7 @@ def _fit_rows_(
         assign_(dst, "bias", full_b)
 
 
-Moments = tuple[torch.Tensor, torch.Tensor]  # (A, M) of :func:`.merge.reader_moments`
+Moments = tuple[torch.Tensor, torch.Tensor]  # (A, M) of :func:`.interpolate.reader_moments`
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def ridge_block_(
 
     Taking moments rather than a capture lets :mod:`.recapture` fit the attention and the MLP of
     one block from two different passes."""
-    from gradfree.compress.merge import attn_group_rows
+    from gradfree.compress.interpolate import attn_group_rows
 
     mm, s, p = get_adapter(model), get_adapter(student), get_adapter(projected)
     lm, ls, lp = mm.layer(j), s.layer(j), p.layer(j)
@@ -99,7 +99,7 @@ def block_moments(
     cap: Capture, site: str, j: int, teacher_layer: int, v_in: torch.Tensor, c: float
 ) -> Moments:
     """(A, M) of student block j's ``site`` (attn_in or mlp_in) paired with the teacher's block."""
-    from gradfree.compress.merge import reader_moments
+    from gradfree.compress.interpolate import reader_moments
 
     return reader_moments(cap, f"blocks.{teacher_layer}.{site}", f"blocks.{j}.{site}", v_in, c)
 
@@ -157,7 +157,7 @@ def reader_errors(
     attention (q rows of matched heads, k, v) and MLP (gate, up) readers, on the tokens of a
     paired capture of (teacher, ``model``) with attn_in and mlp_in: the objective the ridge fit
     minimises, measured where the model's own inputs are (e.g. on held-out documents)."""
-    from gradfree.compress.merge import _aug, attn_group_rows
+    from gradfree.compress.interpolate import _aug, attn_group_rows
 
     mm, p = get_adapter(model), get_adapter(projected)
     out = []

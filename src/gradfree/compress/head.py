@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
-from gradfree.numerics import f64
 from gradfree.surgery.edit import assign_, param
 
 
@@ -233,9 +233,9 @@ def distill_head(
 ) -> HeadChoice:
     """:func:`fit_head`, then write ``out``: the student with the chosen head as a plain
     checkpoint (unchanged when its own head was best), ``head.json`` and ``report.md``."""
+    from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
+    from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.compress.report import save_checkpoint
-    from gradfree.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
-    from gradfree.provenance import Stopwatch, machine, versions
 
     check_new_output(out, overwrite)
     clock = Stopwatch()

@@ -13,7 +13,7 @@ into that space"). The projected teacher keeps the student's k_proj, v_proj, k_n
 * Values: teacher head h (group g) writes O_h a_h with a_h a convex mix of v_T; o must read the
   student's values instead, through the least-squares prediction v_T ≈ M_g v_S,
   M_g = E[v_T v_Sᵀ](E[v_S v_Sᵀ] + δ)⁻¹ (un-centered: a_h is a convex mix of the v themselves, so a
-  linear map of v carries over to a_h exactly; δ relative, as :func:`gradfree.numerics.damp`).
+  linear map of v carries over to a_h exactly; δ relative, as :func:`gradfree.base.numerics.damp`).
   Then o'_h = Vᵀ O_h M_g.
 
 ``head_rotation="dense"`` (the ablation of the per-group value compression): one PCA of all the
@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 
 from gradfree.adapters import ModelAdapter
+from gradfree.base.numerics import damp, sym_eigh
 from gradfree.capture import Capture
-from gradfree.numerics import damp, sym_eigh
 from gradfree.solvers import (
     pca_basis,
     procrustes_from_cross,

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from gradfree.adapters import ModelAdapter
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
-from gradfree.numerics import f64
 from gradfree.solvers import hungarian
 
 

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
+from gradfree.base.errors import GradfreeError
+from gradfree.base.provenance import Stopwatch
 from gradfree.capture import Capture, Subject, run_capture
 from gradfree.compress.attention import (
     AttentionPlan,
@@ -34,10 +36,10 @@ from gradfree.compress.attention import (
 )
 from gradfree.compress.bases import BasisSet, residual_bases
 from gradfree.compress.distill import ridge_head_, ridge_readers_
-from gradfree.compress.merge import (
-    MergePlan,
+from gradfree.compress.interpolate import (
+    AlphaPlan,
     alignment_plan,
-    merge_models,
+    interpolate_models,
     optimal_plan,
     restrict_plan,
     uniform_plan,
@@ -46,9 +48,7 @@ from gradfree.compress.mlp import MlpPlan, fold_spans, plan_mlp
 from gradfree.compress.project import project_teacher
 from gradfree.compress.recapture import require_calibration, ridge_recaptured_
 from gradfree.compress.recipe import PROJECTION_FIELDS, CompressRecipe, make_recipe
-from gradfree.errors import GradfreeError
-from gradfree.layermap import resolve_map
-from gradfree.provenance import Stopwatch
+from gradfree.solvers.layermap import resolve_map
 from gradfree.surgery import fuse_norms_
 
 # k_pre (kv_dim wide, so as cheap as v) serves kv="reuse": its teacher×student cross-moment is what
@@ -76,7 +76,7 @@ class Solution:
     bases: BasisSet
     attention: list[AttentionPlan]
     mlp: list[MlpPlan]
-    merge: MergePlan | None
+    alphas: AlphaPlan | None  # the α of every block and KV group; None: the projection alone
     projected: nn.Module  # the teacher projected into the student's shape (α = 1)
     model: nn.Module  # the result (the projected teacher itself when merge == "none")
     rope_gap: float
@@ -91,8 +91,8 @@ class Solution:
 
         rows = []
         for j, d in enumerate(self.bases.diagnostics[:-1]):
-            a_attn = self.merge.attn[j] if self.merge else [1.0]
-            a_mlp = self.merge.mlp[j] if self.merge else 1.0
+            a_attn = self.alphas.attn[j] if self.alphas else [1.0]
+            a_mlp = self.alphas.mlp[j] if self.alphas else 1.0
             rows.append(
                 {
                     "layer": j,
@@ -307,7 +307,7 @@ def project(
     )
 
 
-def merge(
+def interpolate(
     projection: Solution,
     teacher: nn.Module,
     student: nn.Module,
@@ -363,7 +363,7 @@ def merge(
         plan.embed = recipe.alpha_embed
     if recipe.merge_layers is not None:
         plan = restrict_plan(plan, recipe.merge_layers)
-    model = merge_models(student, projected, plan, attn)
+    model = interpolate_models(student, projected, plan, attn)
     if recipe.ridge_recapture:  # readers block by block, then the head, all from recaptures
         sol.recaptures = ridge_recaptured_(
             model,
@@ -393,7 +393,7 @@ def merge(
         )
     if recipe.ridge_head and not recipe.ridge_recapture:
         ridge_head_(model, student, teacher, cap, recipe.ridge_lambda)
-    sol.merge, sol.model = plan, model
+    sol.alphas, sol.model = plan, model
     return sol
 
 
@@ -411,7 +411,7 @@ def solve(
     """:func:`project` then :func:`merge` (``documents``/``tokenizer``: see :func:`merge`)."""
     recipe = make_recipe(recipe)
     proj = project(teacher, student, cap, recipe, config_changes=config_changes)
-    return merge(
+    return interpolate(
         proj,
         teacher,
         student,
@@ -460,8 +460,8 @@ def compress(
     in place (function-preserving). The capture lives in ``out/capture`` (kept with
     ``keep_capture``). Returns the solution and the output folder.
     """
+    from gradfree.base.io import atomic_dir, check_new_output
     from gradfree.compress.report import save_checkpoint, write_report
-    from gradfree.io import atomic_dir, check_new_output
 
     recipe = make_recipe(recipe)
     check_new_output(out, overwrite)

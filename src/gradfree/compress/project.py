@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from gradfree.adapters import HeadGeometry, LayerAdapter, get_adapter
+from gradfree.base.numerics import f64
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
 from gradfree.compress.mlp import MlpPlan
-from gradfree.numerics import f64
 from gradfree.surgery.edit import assign_, maybe_param, param
 
 _CHUNK = 8192

@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
+from gradfree.base.errors import GradfreeError
 from gradfree.capture import Capture, Subject, run_capture
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
 from gradfree.compress.distill import block_moments, ridge_block_, ridge_head_
 from gradfree.compress.recipe import CompressRecipe
-from gradfree.errors import GradfreeError
 
 
 def require_calibration(documents: Sequence[Any] | None, tokenizer: Any) -> None:

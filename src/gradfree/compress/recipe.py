@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from gradfree.configfile import read_yaml_mapping, validation_message
-from gradfree.errors import GradfreeError
+from gradfree.base.configfile import read_yaml_mapping, validation_message
+from gradfree.base.errors import GradfreeError
 
 Basis = Literal["svd", "two_tier", "joint", "identity"]
 Merge = Literal["none", "uniform", "alignment", "optimal", "ridge", "measured"]

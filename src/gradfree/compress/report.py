@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfree.io import write_json_atomic, write_text_atomic
-from gradfree.provenance import Stopwatch, machine, versions
+from gradfree.base.io import write_json_atomic, write_text_atomic
+from gradfree.base.provenance import Stopwatch, machine, versions
 
 if TYPE_CHECKING:
     from gradfree.compress.pipeline import Solution
@@ -47,7 +47,7 @@ def report_data(
         "bases": {"kind": sol.bases.kind, "points": sol.bases.diagnostics},
         "attention": [a.describe() for a in sol.attention],
         "mlp": [m.describe() for m in sol.mlp],
-        "merge": sol.merge.describe() if sol.merge else None,
+        "merge": sol.alphas.describe() if sol.alphas else None,
         "merge_profile": sol.merge_profile(),
         "attention_kl": (
             {
@@ -81,7 +81,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def plots(sol: Solution, folder: Path) -> list[str]:
     """Per-layer diagnostics and the merge profile as PNGs (skipped without matplotlib)."""
     try:
-        from gradfree.plots import line_plot
+        from gradfree.base.plots import line_plot
     except ImportError:  # pragma: no cover - matplotlib is a core dependency
         return []
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def plots(sol: Solution, folder: Path) -> list[str]:
                 },
             },
             folder / "merge_profile.png",
-            title=f"merge profile ({sol.merge.mode if sol.merge else 'projected teacher'})",
+            title=f"merge profile ({sol.alphas.mode if sol.alphas else 'projected teacher'})",
             xlabel="student block",
             ylabel="alpha",
         ),

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gradfree.configfile import read_yaml_mapping, validation_message
-from gradfree.errors import GradfreeError
+from gradfree.base.configfile import read_yaml_mapping, validation_message
+from gradfree.base.errors import GradfreeError
 
 
 class Texts(BaseModel):

@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradfree.base.io import write_json_atomic, write_text_atomic
+from gradfree.base.provenance import machine, versions
+from gradfree.evaluation.reference import Reference, bootstrap_delta
 from gradfree.experiment.config import ExperimentConfig
-from gradfree.experiment.scoring import Reference, bootstrap_delta
-from gradfree.io import write_json_atomic, write_text_atomic
-from gradfree.provenance import machine, versions
 
 
 def _f(x: float | None, d: int = 4) -> str:
@@ -172,7 +172,7 @@ def _series(
 
 def plots(results: dict[str, dict[str, Any]], folder: Path) -> list[str]:
     """Task KL per row (log scale), KL against α per swept layer, KL against calibration size."""
-    from gradfree.plots import bar_plot, line_plot
+    from gradfree.base.plots import bar_plot, line_plot
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []

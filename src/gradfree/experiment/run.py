@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import read_json, write_json_atomic
+from gradfree.evaluation.reference import Reference, bootstrap_delta, score, teacher_reference
 from gradfree.experiment.config import ExperimentConfig, Row, Texts, expand_rows
-from gradfree.experiment.scoring import Reference, bootstrap_delta, score, teacher_reference
-from gradfree.io import read_json, write_json_atomic
 
 CAPTURE_FIELDS = ("layer_map", "max_length", "batch_size", "dump_rate", "dump_max", "seed")
 
 
 def load_texts(t: Texts) -> list[Any]:
-    from gradfree.corpora import load_corpus
+    from gradfree.texts.corpora import load_corpus
 
     docs = load_corpus(t.corpus, split=t.split)[t.skip :]
     docs = docs[: t.limit] if t.limit is not None else docs
@@ -86,7 +86,7 @@ class Engine:
         for name, texts in named.items():
             self._reference(name, texts)
         if cfg.questions:
-            from gradfree.corpora import load_questions
+            from gradfree.texts.corpora import load_questions
 
             self.questions = load_questions()[: cfg.questions]
 
@@ -190,13 +190,13 @@ class Engine:
         self, proj: Any, recipe: Any, cap: Any, val: Reference
     ) -> tuple[Any, dict[str, Any]]:
         """The uniform α (from ``recipe.alpha_grid``, 0 included) with the lowest validation KL."""
-        from gradfree.compress import make_recipe, merge
+        from gradfree.compress import interpolate, make_recipe
 
         best: tuple[float, float, Any] | None = None
         tried = []
         for a in sorted({0.0, *recipe.alpha_grid}):
             r = make_recipe(recipe, merge="uniform", alpha=a, alpha_grid=[])
-            sol = merge(proj, self.t.model, self.s.model, cap, r)
+            sol = interpolate(proj, self.t.model, self.s.model, cap, r)
             kl = score(sol.model, val)["kl"]
             tried.append({"alpha": a, "validation_kl": kl})
             if best is None or kl < best[0]:
@@ -220,7 +220,7 @@ class Engine:
         captured and the two are merged: the statistics are sums, so the merge equals one
         capture of all of them, and data-efficiency rows cost one pass over the largest size.
         """
-        from gradfree.capture import Subject, load_capture, merge_captures, run_capture
+        from gradfree.capture import Subject, combine_captures, load_capture, run_capture
 
         root = self.work / "final-states"
         key = _hash(texts.model_dump())
@@ -243,7 +243,7 @@ class Engine:
         self.say(f"final-state capture of {rest.label()}")
         run_capture(subjects, load_texts(rest), part, self._final_settings())
         if prefix is not None:
-            merge_captures([root / _hash(prefix.model_dump()), part], folder)
+            combine_captures([root / _hash(prefix.model_dump()), part], folder)
             shutil.rmtree(part)
         write_json_atomic(root / f"{key}.json", texts.model_dump())
         return load_capture(folder)
@@ -290,8 +290,8 @@ class Engine:
             if not name.startswith("validation"):
                 res[name] = score(model, ref)
         if self.questions:
-            from gradfree.corpora import system_prompt
-            from gradfree.evaluate import answer_questions
+            from gradfree.evaluation.run import answer_questions
+            from gradfree.texts.corpora import system_prompt
 
             qa = answer_questions(
                 model,  # type: ignore[arg-type]  # any HF causal LM module
@@ -303,7 +303,7 @@ class Engine:
         return res
 
     def run_row(self, row: Row) -> dict[str, Any]:
-        from gradfree.compress import make_recipe, merge
+        from gradfree.compress import interpolate, make_recipe
         from gradfree.compress.pipeline import measure_attention_kl
 
         info: dict[str, Any] = {"study": row.study, "kind": row.kind}
@@ -335,7 +335,7 @@ class Engine:
                 )
             else:
                 docs = load_texts(texts) if recipe.ridge_recapture else None
-                sol = merge(
+                sol = interpolate(
                     proj,
                     self.t.model,
                     self.s.model,
@@ -350,7 +350,7 @@ class Engine:
                     sol, self.t.model, self.s.tokenizer, load_texts(texts), cap
                 )
             info["attention_kl"] = sol.attention_kl
-        info["merge"] = sol.merge.describe() if sol.merge else None
+        info["merge"] = sol.alphas.describe() if sol.merge else None
         info["profile"] = sol.merge_profile()
         info["recaptures"] = sol.recaptures
         model = sol.model if sol.model is not proj.projected else _copy(proj.projected)
@@ -432,9 +432,9 @@ def run_experiment(
     ``models`` = (teacher, student) already loaded (their norms are folded in place, which
     preserves their function); otherwise they are loaded from the config's names.
     """
+    from gradfree.base.provenance import Stopwatch
     from gradfree.compress import fold_pair_
     from gradfree.experiment.report import write_results
-    from gradfree.provenance import Stopwatch
 
     out = Path(out)
     record = cfg.model_dump(mode="json")

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
-    from gradfree.corpora import Document
     from gradfree.merge.recipe import CalibrationSpec, EvalSpec, MergeRecipe
     from gradfree.merge.tensors import TensorSource
     from gradfree.models import LoadedModel
+    from gradfree.texts.corpora import Document
 
 
 @dataclass
@@ -48,7 +48,7 @@ class MergeContext:
         return load_model(str(self.models[i].folder), device=self.device, dtype=self.compute_dtype)
 
     def documents(self, spec: CalibrationSpec | EvalSpec) -> list[Document]:
-        from gradfree.corpora import load_corpus
+        from gradfree.texts.corpora import load_corpus
 
         return load_corpus(spec.corpus, split=spec.split, limit=spec.limit)
 

@@ -3,7 +3,7 @@
 Ingredients are ranked by their own held-out score; the soup starts with the best one, and each
 next ingredient is kept only if the uniform average of the soup plus it scores at least as well
 on the held-out metric as the soup without it. The metric (lower is better) is the perplexity on
-a corpus split, or KL(teacher ‖ soup), both from :func:`gradfree.evaluate.evaluate`; the
+a corpus split, or KL(teacher ‖ soup), both from :func:`gradfree.evaluation.run.evaluate`; the
 selection text should be held out from anything the ingredients were tuned on.
 
 Candidates are evaluated in one model instance whose parameters are overwritten with each

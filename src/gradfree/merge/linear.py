@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.merge.registry import NoParams, TensorwiseMethod, Weighted, register
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from gradfree.configfile import read_yaml_mapping, validation_message
-from gradfree.errors import GradfreeError
+from gradfree.base.configfile import read_yaml_mapping, validation_message
+from gradfree.base.errors import GradfreeError
 
 
 class _Strict(BaseModel):
@@ -92,7 +92,7 @@ def measure(
 ) -> dict[str, Any]:
     """``spec``'s measurement of a model on ``docs``: perplexity, and with a teacher (a loaded
     model) KL(teacher ‖ model) and top-1 agreement."""
-    from gradfree.evaluate import evaluate
+    from gradfree.evaluation.run import evaluate
 
     r = evaluate(
         model,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
     import torch

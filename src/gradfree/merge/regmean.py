@@ -81,7 +81,7 @@ def regmean_solve(
     """The RegMean weight (out × in) from each model's weight (out × in) and Gram (in × in)."""
     import torch
 
-    from gradfree.numerics import damp
+    from gradfree.base.numerics import damp
 
     keep = [i for i, w in enumerate(weights) if w != 0.0]
     wbar = linear_combination([ws[i] for i in keep], [weights[i] for i in keep])
@@ -125,7 +125,7 @@ class RegMean(MergeMethod):
     def prepare(self, ctx: MergeContext) -> None:
         from gradfree.adapters import get_adapter
         from gradfree.capture import make_config, run_capture
-        from gradfree.corpora import corpus_manifest
+        from gradfree.texts.corpora import corpus_manifest
 
         spec = ctx.calibration()
         docs = ctx.documents(spec)

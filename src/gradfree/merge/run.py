@@ -4,7 +4,7 @@ plain Hugging Face checkpoint, and record what was done.
 Order of work, so that a bad recipe fails before anything is loaded or written: validate the
 recipe and the method's parameters, refuse an existing output, resolve every model (known names
 or local folders with safetensors weights), check tokenizers and tensor names/shapes (headers
-only), then merge inside :func:`gradfree.io.atomic_dir`. Tensors are read lazily and merged one
+only), then merge inside :func:`gradfree.base.io.atomic_dir`. Tensors are read lazily and merged one
 group at a time in float64 on ``device``, cast once to the output dtype, and written in shards.
 
 The output folder holds the checkpoint (config, weights, tokenizer, generation config),
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.merge.context import InputModel, MergeContext
 from gradfree.merge.recipe import EvalSpec, MergeRecipe, make_recipe, measure, recipe_yaml
 from gradfree.merge.registry import MergeMethod, get_method
@@ -101,8 +101,8 @@ def _distance_sums(out: Any, xs: list[Any]) -> list[tuple[float, float]]:
 
 
 def _evaluate(folder: Path, spec: EvalSpec, device: str, dtype: str) -> dict[str, Any]:
-    from gradfree.corpora import load_corpus
     from gradfree.models import load_model
+    from gradfree.texts.corpora import load_corpus
 
     docs = load_corpus(spec.corpus, split=spec.split, limit=spec.limit)
     loaded = load_model(str(folder), device=device, dtype=dtype)
@@ -127,7 +127,7 @@ def merge(
     the Fisher / Gram statistics in ``out/statistics``."""
     from transformers import AutoConfig
 
-    from gradfree.io import atomic_dir, check_new_output
+    from gradfree.base.io import atomic_dir, check_new_output
     from gradfree.models.fetch import quiet_transformers
 
     recipe = make_recipe(recipe)
@@ -198,9 +198,9 @@ def _write(
     import torch
     from transformers import GenerationConfig
 
-    from gradfree.io import write_json_atomic, write_text_atomic
+    from gradfree.base.io import write_json_atomic, write_text_atomic
+    from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.models.load import resolve_dtype
-    from gradfree.provenance import Stopwatch, machine, versions
 
     recipe = ctx.recipe
     torch_out = resolve_dtype(str(recipe.dtype))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
     import torch

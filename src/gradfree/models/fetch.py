@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradfree import paths
-from gradfree.errors import GradfreeError
-from gradfree.io import atomic_dir, sha256_file, write_json_atomic
+from gradfree.base import paths
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import atomic_dir, sha256_file, write_json_atomic
 from gradfree.models.registry import ModelEntry, get_entry
 
 RECORD_NAME = "gradfree_model.json"

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from gradfree import paths
-from gradfree.errors import GradfreeError
-from gradfree.io import sha256_file, sha256_text, write_json_atomic
+from gradfree.base import paths
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import sha256_file, sha256_text, write_json_atomic
 from gradfree.models.fetch import known_model_dir, load_gguf, quiet_transformers, read_record
 from gradfree.models.registry import MODELS
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 No model plumbing and no Hugging Face imports: every function takes matrices (often streamed
 statistics such as XᵀX, XᵀY or a teacher×student cross-moment) and returns matrices or numbers.
-Numerics follow :mod:`gradfree.numerics`: everything is computed in float64 and returned in
+Numerics follow :mod:`gradfree.base.numerics`: everything is computed in float64 and returned in
 float64 on the input's device, since results feed further solves and are folded into weights in
 float64 before the one final cast to the model's dtype; eigenvector signs are deterministic.
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from gradfree.numerics import f64, svd
+from gradfree.base.numerics import f64, svd
 from gradfree.solvers.procrustes import procrustes_from_cross
 
 

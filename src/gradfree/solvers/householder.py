@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from gradfree.numerics import f64, fix_signs
+from gradfree.base.numerics import f64, fix_signs
 
 
 def _eye(d: int, like: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ Hotelling 1936): with ρ_i the canonical correlations of a and b, the singular v
 through the subspaces they span, so any invertible map of either side leaves it unchanged.
 
 Finite samples bias it upward: for independent a, b and n tokens, E[ρ_i²] ≈ 1/n per pair, so the
-estimate sits near d_a·d_b/(2n) nats instead of 0. Relative damping of Σ_a and Σ_b (the policy of
-:mod:`gradfree.numerics`) bounds it for exact copies (ρ = 1), which would otherwise be infinite.
+estimate sits near d_a·d_b/(2n) nats instead of 0. Relative damping of Σ_a and Σ_b (the policy
+of :mod:`gradfree.base.numerics`) bounds it for exact copies (ρ = 1),
+which would otherwise be infinite.
 
 Attention: ``causal_attention_logprobs`` forms log softmax(q kᵀ·scale + causal mask) per query
 head, with grouped KV heads (query head h reads KV head h // group size, HF's repeat_kv layout);
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from gradfree.numerics import damp as damp_matrix
-from gradfree.numerics import f64
+from gradfree.base.numerics import damp as damp_matrix
+from gradfree.base.numerics import f64
 
 # Canonical correlations are clipped to ρ² ≤ 1 − _RHO2_GAP: rounding can push an exact copy's ρ
 # just above 1, where log(1 − ρ²) is undefined.

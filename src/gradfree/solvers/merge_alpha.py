@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from gradfree.numerics import f64
+from gradfree.base.numerics import f64
 
 
 def _check(xtx: torch.Tensor, xty: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> None:

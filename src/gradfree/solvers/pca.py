@@ -1,7 +1,7 @@
 """Principal component bases from a covariance (Pearson 1901; Hotelling 1933).
 
 The top-k eigenvectors of a (damped) symmetric PSD matrix, in float64 and with the deterministic
-sign convention of :mod:`gradfree.numerics`, so that bases compare across runs. Works on a
+sign convention of :mod:`gradfree.base.numerics`, so that bases compare across runs. Works on a
 centered covariance or an un-centered second moment alike: which one to use is the caller's
 choice (seed 002's lesson: the un-centered moment is dominated by the mean).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gradfree.numerics import f64, sym_eigh
+from gradfree.base.numerics import f64, sym_eigh
 
 
 def _check_k(k: int, d: int) -> None:

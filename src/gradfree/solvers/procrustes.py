@@ -21,7 +21,7 @@ from typing import Literal, overload
 
 import torch
 
-from gradfree.numerics import f64, svd
+from gradfree.base.numerics import f64, svd
 
 
 def _polar(c: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gradfree.numerics import f64
+from gradfree.base.numerics import f64
 
 PriorLike = torch.Tensor | Callable[[int, int], torch.Tensor] | None
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gradfree.numerics import f64
+from gradfree.base.numerics import f64
 
 
 def _pair_index(h: int) -> tuple[torch.Tensor, torch.Tensor]:

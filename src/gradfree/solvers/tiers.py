@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gradfree.numerics import f64, fix_signs, sym_eigh
+from gradfree.base.numerics import f64, fix_signs, sym_eigh
 from gradfree.solvers.pca import pca_basis
 from gradfree.solvers.procrustes import blockwise_procrustes, semi_orthogonal_map
 

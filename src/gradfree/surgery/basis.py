@@ -18,7 +18,7 @@ it is mapped back to ``x̂`` exactly by ``diag(1/w) M diag(1/w)`` using the mode
 ``final.resid``): the raw residual stream, each site divided by its trace; that is recorded as
 ``statistic: "resid"`` and is a weaker choice.
 
-Numerics follow :mod:`gradfree.numerics`: float64, damping ``λ = damping·mean(diag M)`` as
+Numerics follow :mod:`gradfree.base.numerics`: float64, damping ``λ = damping·mean(diag M)`` as
 SliceGPT does (0.01), which shifts the eigenvalues and leaves the eigenvectors unchanged,
 eigenvalues descending, signs fixed (largest entry of each eigenvector positive).
 """
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from gradfree.adapters import ModelAdapter, get_adapter
-from gradfree.errors import GradfreeError
-from gradfree.numerics import sym_eigh
+from gradfree.base.errors import GradfreeError
+from gradfree.base.numerics import sym_eigh
 from gradfree.surgery.edit import effective_scale
 
 READER_SITES = ("attn_in", "mlp_in", "final.normed")

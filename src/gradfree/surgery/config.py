@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 class SurgeryConfig(BaseModel):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import LayerAdapter, ModelAdapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 _EPS_ATTRS = ("variance_epsilon", "eps")  # HF RMSNorm, torch.nn.RMSNorm
 _CHUNK_ROWS = 8192  # rows per float64 block when rotating large matrices in place

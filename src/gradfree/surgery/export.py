@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
-from gradfree.io import atomic_dir, check_new_output, sha256_file, write_json_atomic
-from gradfree.provenance import Stopwatch, versions
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import atomic_dir, check_new_output, sha256_file, write_json_atomic
+from gradfree.base.provenance import Stopwatch, versions
 from gradfree.surgery import basis as B
 from gradfree.surgery.config import SurgeryConfig
 from gradfree.surgery.fold import fuse_norms_, untie_
@@ -97,7 +97,7 @@ def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def _ppl(model: Any, tok: Any, docs: list[Any], cfg: SurgeryConfig) -> dict[str, Any]:
-    from gradfree.evaluate import evaluate
+    from gradfree.evaluation.run import evaluate
 
     r = evaluate(
         model, tok, docs, max_length=cfg.max_length, stride=cfg.max_length, device=cfg.device
@@ -127,7 +127,7 @@ class _Inputs:
 
     def __init__(self, cfg: SurgeryConfig) -> None:
         from gradfree.capture import load_capture
-        from gradfree.corpora import corpus_manifest, load_corpus
+        from gradfree.texts.corpora import corpus_manifest, load_corpus
 
         self.cap = load_capture(cfg.capture) if cfg.capture is not None else None
         self.matrix = read_matrix(cfg.matrix) if cfg.matrix is not None else None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import block, f64, param, transform_inputs_, transform_outputs_
 from gradfree.surgery.ledger import rotation_entry
 from gradfree.surgery.maths import block_indices, check_orthogonal, pair_rotation

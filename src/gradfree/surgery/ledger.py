@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gradfree.io import sha256_bytes
+from gradfree.base.io import sha256_bytes
 from gradfree.surgery.maths import orthogonality_error
 
 

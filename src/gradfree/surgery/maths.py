@@ -1,7 +1,7 @@
 """Pure maths for function-preserving surgery: orthogonal matrices, permutations, pair rotations.
 
 Tensor in, tensor out: nothing here touches a model, so every function is tested on its own.
-Following the numerics policy (:mod:`gradfree.numerics`), matrices are built and checked in
+Following the numerics policy (:mod:`gradfree.base.numerics`), matrices are built and checked in
 float64; callers cast to the model's dtype only when they write weights.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 Permutation = Sequence[int] | torch.Tensor
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import block, select_inputs_, select_outputs_
 from gradfree.surgery.maths import Permutation, as_permutation, block_indices
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gradfree.io import write_text_atomic
+from gradfree.base.io import write_text_atomic
 
 
 def _ppl_row(name: str, p: dict[str, Any]) -> str:

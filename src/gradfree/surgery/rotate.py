@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import require_unit_norms, transform_inputs_, transform_outputs_
 from gradfree.surgery.fold import fuse_norms_
 from gradfree.surgery.ledger import rotation_entry

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import (
     all_norms,
     assign_,

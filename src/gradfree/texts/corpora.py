@@ -3,7 +3,7 @@
 A corpus is a list of :class:`Document` (id, text, lang, split, source). Known corpora are the
 built-in ``tourguide`` (package data, with held-out place questions and a system prompt) and the
 public texts fetched once into ``<cache>/texts/<name>/`` by :func:`fetch_corpus` (``news``,
-``botchan``, ``pydocs``, ``chatterbot``; see :mod:`gradfree.corpus_fetch`). :func:`load_corpus`
+``botchan``, ``pydocs``, ``chatterbot``; see :mod:`gradfree.texts.fetch`). :func:`load_corpus`
 also reads a local ``.jsonl`` file, a ``.txt`` file or a folder of ``.txt`` files.
 :func:`corpus_manifest` records exactly which texts a run used. Pure Python: no torch import.
 """
@@ -21,9 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gradfree import paths
-from gradfree.errors import GradfreeError
-from gradfree.io import sha256_text
+from gradfree.base import paths
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import sha256_text
 
 SPLITS = ("calibration", "heldout")
 BUILTIN = "tourguide"
@@ -187,7 +187,7 @@ def fetch_corpus(
     Returns at once when it is already there (unless ``force``). ``tourguide`` is built in: its
     package data folder is returned. Archives are downloaded into a temporary folder and dropped.
     """
-    from gradfree import corpus_fetch
+    from gradfree.texts import fetch as corpus_fetch
 
     if name not in CORPORA:
         raise _unknown(name)

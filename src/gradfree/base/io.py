@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:

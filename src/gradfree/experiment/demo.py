@@ -117,9 +117,9 @@ def _release_memory() -> None:
 
 def _ensure_inputs(cfg: DemoConfig, say: Any) -> None:
     """Fetch the default models and public text when they are not in the cache yet."""
-    from gradfree.corpora import fetch_corpus, list_corpora
     from gradfree.models.fetch import fetch_model, is_fetched
     from gradfree.models.registry import MODELS
+    from gradfree.texts.corpora import fetch_corpus, list_corpora
 
     for name in (cfg.teacher, cfg.student):
         if name in MODELS and not is_fetched(name):
@@ -136,13 +136,13 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
     import torch
 
     from gradfree.adapters import get_adapter
+    from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
+    from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.capture import make_config, run_capture
-    from gradfree.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
-    from gradfree.evaluate import evaluate, write_eval
-    from gradfree.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
+    from gradfree.evaluation.run import evaluate, write_eval
     from gradfree.models import load_model
-    from gradfree.provenance import Stopwatch, machine, versions
-    from gradfree.spectrum_report import build_report, write_report
+    from gradfree.spectrum.report import build_report, write_report
+    from gradfree.texts.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
 
     torch.manual_seed(cfg.seed)
     out = check_new_output(out, overwrite)
@@ -283,7 +283,7 @@ def _report(
     ablation: dict[str, Any] | None = None,
     experiment: str | None = None,
 ) -> str:
-    from gradfree.spectrum_report import _seed002_rows
+    from gradfree.spectrum.report import _seed002_rows
 
     m = record["models"]
     lines = [

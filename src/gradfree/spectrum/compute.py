@@ -16,7 +16,7 @@ the smaller Gram matrix (WᵀW or WWᵀ) accumulated in float64 over row/column 
 The numbers per spectrum (``summarize``): Df, the components needed for 90/95/99% of Σλ, the share
 of the top eigenvalue, and the share held by the top ``trunk_width`` components (seed 000's
 "trunk": e.g. half of the student's hidden size). Reports are written by
-:mod:`gradfree.spectrum_report`.
+:mod:`gradfree.spectrum.report`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
     import torch
@@ -71,8 +71,8 @@ class CaptureLike(Protocol):
 def psd_eigenvalues(a: torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """Eigenvalues of a symmetric PSD matrix: float64, descending, clipped at 0.
 
-    The same policy as :func:`gradfree.numerics.sym_eigh`, values only: no eigenvectors are needed
-    here, and ``eigvalsh`` is several times faster than ``eigh`` on 2560- or 5120-wide sites.
+    The same policy as :func:`gradfree.base.numerics.sym_eigh`, values only: no eigenvectors are
+    needed here, and ``eigvalsh`` is several times faster than ``eigh`` on 2560- or 5120-wide sites.
     """
     import torch
 

@@ -2,7 +2,7 @@
 
 ``write_report`` puts into one output folder, atomically: ``spectrum.json`` (every summary number),
 ``spectrum.md`` (the seed-002 comparison first, then one table per site and one for the weights),
-the PNG plots of :mod:`gradfree.plots` and the raw spectra in ``eigenvalues.safetensors``
+the PNG plots of :mod:`gradfree.spectrum.plots` and the raw spectra in ``eigenvalues.safetensors``
 (keys ``act/{role}/{site key}/{variant}`` and ``weight/{matrix}``) for later analysis.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfree.spectrum import (
+from gradfree.spectrum.compute import (
     BASE_VARIANTS,
     STANDARDISED_VARIANTS,
     SiteSpectrum,
@@ -54,8 +54,8 @@ def write_report(report: SpectrumReport, out: str | Path, overwrite: bool = Fals
     """Write spectrum.json/.md, eigenvalues.safetensors and the PNGs into ``out``, atomically."""
     from safetensors.torch import save_file
 
-    from gradfree import plots
-    from gradfree.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.spectrum import plots
 
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -202,8 +202,8 @@ def build_report(
     """Open a capture, compute its activation spectra and (given a model) the weight spectra.
 
     ``loaded`` (a ``LoadedModel`` already in memory) is used instead of loading ``model_spec``."""
-    from gradfree import spectrum
-    from gradfree.provenance import versions
+    from gradfree.base.provenance import versions
+    from gradfree.spectrum import compute as spectrum
 
     capture = spectrum.open_capture(capture_dir)
     acts = spectrum.activation_spectra(

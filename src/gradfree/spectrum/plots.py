@@ -1,5 +1,4 @@
-"""PNG plots of the reports (matplotlib, headless Agg backend, chosen inside each call so that
-importing gradfree never touches a display or imports matplotlib).
+"""PNG plots of a spectrum report (through :mod:`gradfree.base.plots`).
 
 Spectra (``spectrum_plots``), per captured role and site:
 - ``decay_{role}_{site}.png``: normalised eigenvalues λ_k/Σλ against k on log-log axes, one line
@@ -12,87 +11,22 @@ Spectra (``spectrum_plots``), per captured role and site:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradfree.base.plots import line_plot, pyplot, slug
+
 if TYPE_CHECKING:
-    from gradfree.spectrum_report import SpectrumReport
+    from gradfree.spectrum.report import SpectrumReport
 
 # The two variants shown side by side in decay plots: the seed's measurement and the corrected one.
 DECAY_VARIANTS = ("uncentered/all", "centered/body")
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-
-
-def line_plot(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
-    path: Path,
-    *,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    logy: bool = False,
-    styles: dict[str, str] | None = None,
-) -> Path:
-    """One line per named (x, y) series against an integer x (a layer), written as a PNG."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    try:
-        for label, (x, y) in series.items():
-            ax.plot(x, y, (styles or {}).get(label, "-o"), label=label, markersize=3)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # x is a layer index
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def bar_plot(
-    values: dict[str, float], path: Path, *, title: str, xlabel: str, logx: bool = False
-) -> Path:
-    """One horizontal bar per named value, in the given order (top to bottom), as a PNG."""
-    plt = _pyplot()
-    names = list(values)
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
-    try:
-        ax.barh(range(len(names)), [values[n] for n in names], color="#4C72B0")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set(title=title, xlabel=xlabel)
-        if logx:
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
-
-
 def decay_plot(panels: dict[str, dict[int, Sequence[float]]], path: Path, *, title: str) -> Path:
     """Panels of normalised spectra (λ_k/Σλ vs k, log-log), one line per layer coloured by depth."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     try:
         for ax, (name, by_layer) in zip(axes[0], panels.items(), strict=True):
@@ -131,7 +65,7 @@ def spectrum_plots(report: SpectrumReport, folder: Path) -> list[Path]:
             for v in DECAY_VARIANTS
         }
         panels = {v: p for v, p in panels.items() if p}
-        name = f"{_slug(role)}_{_slug(site)}"
+        name = f"{slug(role)}_{slug(site)}"
         if panels:
             path = folder / f"decay_{name}.png"
             written.append(decay_plot(panels, path, title=f"{role}: {site} eigenvalue decay"))

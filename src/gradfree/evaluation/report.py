@@ -1,5 +1,5 @@
 """The human-readable page of ``gradfree eval`` (``eval.md``), rendered from the result dict
-that :func:`gradfree.evaluate.evaluate` returns and ``eval.json`` stores."""
+that :func:`gradfree.evaluation.run.evaluate` returns and ``eval.json`` stores."""
 
 from __future__ import annotations
 

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from gradfree import __version__
-from gradfree.corpora import CORPORA, DOCS_FILE, MANIFEST_FILE, Document, corpus_manifest
-from gradfree.errors import GradfreeError
-from gradfree.io import atomic_dir, sha256_file, write_json_atomic
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import atomic_dir, sha256_file, write_json_atomic
+from gradfree.texts.corpora import CORPORA, DOCS_FILE, MANIFEST_FILE, Document, corpus_manifest
 
 PACKAGES = {
     "news": "gensim==4.4.0",

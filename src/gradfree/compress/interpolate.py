@@ -33,18 +33,18 @@ import torch
 from torch import nn
 
 from gradfree.adapters import ModelAdapter, get_adapter
+from gradfree.base.errors import GradfreeError
+from gradfree.base.numerics import f64
 from gradfree.capture import Capture
 from gradfree.compress.attention import AttentionPlan
 from gradfree.compress.bases import BasisSet
-from gradfree.errors import GradfreeError
-from gradfree.numerics import f64
 from gradfree.surgery.edit import assign_, maybe_param, param
 
 _CHUNK = 8192
 
 
 @dataclass
-class MergePlan:
+class AlphaPlan:
     """α for every block (``attn[j][g]`` per KV group, ``mlp[j]``), the embedding and the head."""
 
     mode: str
@@ -130,7 +130,7 @@ def optimal_plan(
     layer_map: Sequence[int],
     attn: Sequence[AttentionPlan],
     c: float,
-) -> MergePlan:
+) -> AlphaPlan:
     """Closed-form α per block, KV group and for the head (see the module docstring)."""
     s, p = get_adapter(student), get_adapter(projected)
     a_attn: list[list[float]] = []
@@ -160,7 +160,7 @@ def optimal_plan(
         a_mlp.append(_clip_alpha(num, den))
     a, m = reader_moments(cap, "final.normed", "final.normed", bases.bases[-1], c)
     head = _clip_alpha(*alpha_terms(a, m, _aug(s.lm_head), _aug(p.lm_head)))
-    return MergePlan("optimal", a_attn, a_mlp, head, head)
+    return AlphaPlan("optimal", a_attn, a_mlp, head, head)
 
 
 def alignment_plan(
@@ -169,7 +169,7 @@ def alignment_plan(
     diagnostics: Sequence[dict[str, Any]],
     alpha: float,
     threshold: float,
-) -> MergePlan:
+) -> AlphaPlan:
     """α = alpha · cosine, 0 below ``threshold`` (attention: each group's certainty)."""
 
     def f(cos: float) -> float:
@@ -178,21 +178,21 @@ def alignment_plan(
     a_attn = [[f(cv) for cv in attn[j].group_certainty()] for j in range(n_layers)]
     a_mlp = [f(diagnostics[j]["alignment_cosine"]) for j in range(n_layers)]
     head = f(diagnostics[-1]["alignment_cosine"])
-    return MergePlan("alignment", a_attn, a_mlp, head, head)
+    return AlphaPlan("alignment", a_attn, a_mlp, head, head)
 
 
-def uniform_plan(n_layers: int, n_groups: int, alpha: float, mode: str = "uniform") -> MergePlan:
-    return MergePlan(
+def uniform_plan(n_layers: int, n_groups: int, alpha: float, mode: str = "uniform") -> AlphaPlan:
+    return AlphaPlan(
         mode, [[alpha] * n_groups for _ in range(n_layers)], [alpha] * n_layers, alpha, alpha
     )
 
 
-def restrict_plan(plan: MergePlan, layers: Sequence[int]) -> MergePlan:
+def restrict_plan(plan: AlphaPlan, layers: Sequence[int]) -> AlphaPlan:
     """The plan with α = 0 (the student's weights) outside ``layers``, embedding and head too."""
     keep = set(layers)
     if any(j >= len(plan.mlp) for j in keep):
         raise GradfreeError(f"merge_layers names a block past the student's {len(plan.mlp)}.")
-    return MergePlan(
+    return AlphaPlan(
         plan.mode,
         [row if j in keep else [0.0] * len(row) for j, row in enumerate(plan.attn)],
         [a if j in keep else 0.0 for j, a in enumerate(plan.mlp)],
@@ -233,8 +233,8 @@ def _lerp_(
 
 
 @torch.no_grad()
-def merge_models(
-    student: nn.Module, projected: nn.Module, plan: MergePlan, attn: Sequence[AttentionPlan]
+def interpolate_models(
+    student: nn.Module, projected: nn.Module, plan: AlphaPlan, attn: Sequence[AttentionPlan]
 ) -> nn.Module:
     """A new model: the student's copy with every weight interpolated toward ``projected``."""
     out = copy.deepcopy(student)

@@ -7,9 +7,10 @@ counted exactly once, with as much left context as its window gives it. The perp
 token-weighted over all documents: exp(Σ NLL / Σ tokens). Batches are right-padded and masked.
 
 With a teacher that shares the tokenizer, the same tokens give KL(teacher ‖ model) and top-1
-agreement, and the residual streams at mapped layers (``gradfree.layermap``) give per-layer cosine
-(where widths match) and linear CKA from streamed statistics (``gradfree.metrics``). Hidden states
-skip each document's first token, whose massive activations would otherwise dominate both.
+agreement, and the residual streams at mapped layers (``gradfree.solvers.layermap``) give
+per-layer cosine (where widths match) and linear CKA from streamed statistics
+(``gradfree.evaluation.metrics``). Hidden states skip each document's first token, whose massive
+activations would otherwise dominate both.
 
 Logits are never materialised for a whole batch: the final normed hidden states of the scored
 positions are pushed through the LM head in chunks, so a 151,936-token vocabulary costs a chunk of
@@ -17,7 +18,7 @@ rows at a time.
 
 Questions are answered greedily (no sampling) with the system prompt, through the tokenizer's chat
 template when it has one (thinking disabled for templates that support it), else a plain
-"Question: …\\nAnswer:" prompt, and scored with :func:`gradfree.metrics.answer_match`.
+"Question: …\\nAnswer:" prompt, and scored with :func:`gradfree.evaluation.metrics.answer_match`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradfree import metrics
-from gradfree.errors import GradfreeError
+from gradfree.base.errors import GradfreeError
+from gradfree.evaluation import metrics
 
 if TYPE_CHECKING:
     import torch
@@ -203,7 +204,7 @@ class _Pass:
         n_vocab: int,
         compare_layers: Sequence[int] | None = None,
     ):
-        from gradfree.layermap import resolve_map
+        from gradfree.solvers.layermap import resolve_map
 
         self.runner = _Runner(model)
         self.nll_sum, self.count = 0.0, 0
@@ -338,7 +339,7 @@ def evaluate(
         }
     if questions:
         if system_prompt is None:
-            from gradfree.corpora import system_prompt as default_prompt
+            from gradfree.texts.corpora import system_prompt as default_prompt
 
             system_prompt = default_prompt()
         result["qa"] = answer_questions(
@@ -505,8 +506,8 @@ def answer_questions(
 
 def write_eval(result: dict[str, Any], out: str | Path, overwrite: bool = False) -> Path:
     """Write ``eval.json`` and ``eval.md`` into the folder ``out``, atomically."""
-    from gradfree.eval_report import render_markdown
-    from gradfree.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
+    from gradfree.evaluation.report import render_markdown
 
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
-from gradfree.numerics import f64
+from gradfree.base.numerics import f64
 from gradfree.surgery import fuse_norms_, permute_heads_, permute_neurons_
 from gradfree.surgery.edit import assign_, maybe_param, param, set_norm_eps_
 from gradfree.surgery.maths import random_orthogonal, random_permutation

@@ -1,8 +1,8 @@
 """Associative merging of captures made over disjoint documents.
 
 Every statistic is a sum (count, Σx, Σxxᵀ, Σx³, Σx⁴, Σabᵀ) or a maximum (absmax), so the capture
-of a corpus equals, up to float64 rounding, the merge of captures of its parts: shards are merged
-tensor by tensor, one shard file at a time. Token dumps are concatenated in order (document
+of a corpus equals, up to float64 rounding, the combination of captures of its parts: shards are
+added tensor by tensor, one shard file at a time. Token dumps are concatenated in order (document
 indexes shifted) and cut at ``dump_max`` rows, which is exactly what one run over the concatenated
 documents keeps. Captures of different models or settings, or sharing a document, are refused.
 """
@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
+from gradfree.base.errors import GradfreeError
+from gradfree.base.io import atomic_dir, sha256_file, sha256_text, write_json_atomic
 from gradfree.capture.store import Capture, load_capture, read_shard, save_shard
-from gradfree.errors import GradfreeError
-from gradfree.io import atomic_dir, sha256_file, sha256_text, write_json_atomic
 
 
 def _difference(a: Capture, b: Capture) -> str | None:
-    """The first setting in which two captures differ, or None when they may merge."""
+    """The first setting in which two captures differ, or None when they may be combined."""
     if a.manifest["settings_hash"] == b.manifest["settings_hash"]:
         return None
     for k in sorted(set(a.config) | set(b.config)):
@@ -48,7 +48,7 @@ def _check(caps: list[Capture]) -> None:
         if diff is not None:
             raise GradfreeError(
                 f"Captures {first.path} and {cap.path} differ in {diff}; only captures of the "
-                "same models and settings merge."
+                "same models and settings can be combined."
             )
         for d in cap.documents():
             if d["id"] in seen:
@@ -59,7 +59,7 @@ def _check(caps: list[Capture]) -> None:
             seen[d["id"]] = cap.path
 
 
-def _merge_shard(caps: list[Capture], rel: str) -> dict[str, torch.Tensor]:
+def _combine_shard(caps: list[Capture], rel: str) -> dict[str, torch.Tensor]:
     merged = read_shard(caps[0].path / rel)
     for cap in caps[1:]:
         other = read_shard(cap.path / rel)
@@ -73,7 +73,7 @@ def _merge_shard(caps: list[Capture], rel: str) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _merge_dumps(
+def _combine_dumps(
     caps: list[Capture], tmp: Path, dump_max: int, shards: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     state: dict[str, dict[str, Any]] = {}
@@ -97,7 +97,7 @@ def _merge_dumps(
     return state
 
 
-def merge_captures(
+def combine_captures(
     captures: Sequence[Capture | str | Path], out: str | Path, *, overwrite: bool = False
 ) -> Capture:
     """Merge captures of the same models and settings over disjoint documents into ``out``."""
@@ -110,8 +110,8 @@ def merge_captures(
         shards: dict[str, dict[str, Any]] = {}
         for rel in first.manifest["shards"]:
             if not rel.startswith("dumps/"):
-                shards[rel] = save_shard(tmp / rel, _merge_shard(caps, rel))
-        dumps = _merge_dumps(caps, tmp, int(first.config["dump_max"]), shards)
+                shards[rel] = save_shard(tmp / rel, _combine_shard(caps, rel))
+        dumps = _combine_dumps(caps, tmp, int(first.config["dump_max"]), shards)
         documents = [d for cap in caps for d in cap.documents()]
         write_json_atomic(tmp / "documents.json", documents)
         write_json_atomic(tmp / "config.json", first.config)
@@ -142,4 +142,4 @@ def merge_captures(
     return load_capture(out, verify=False)  # just written and hashed
 
 
-__all__ = ["merge_captures"]
+__all__ = ["combine_captures"]

@@ -1,0 +1,1 @@
+"""Spectra of captured activations and of weights: computation, report, plots."""
