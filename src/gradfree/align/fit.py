@@ -149,8 +149,7 @@ def fit_alignment(
     the style prompts) default to none: then the ridge head is fitted on the blurbs alone.
     """
     say = say or (lambda m: None)
-    tm, sm = teacher.model, student.model
-    ta, sa = get_adapter(tm), get_adapter(sm)
+    ta, sa = get_adapter(teacher.model), get_adapter(student.model)
     d_s, d_t = sa.hidden_size, ta.hidden_size
     k = resolve_k(cfg, d_s, d_t)
     sites = ["resid_pre", "final.normed"] + (["mlp_hidden"] if cfg.permute_neurons else [])
@@ -160,19 +159,62 @@ def fit_alignment(
     n = sa.num_layers
     moments = [_moments(cap, j, layer_map[j]) for j in range(n)] + [_moments(cap, None, None)]
     targets = [rot.make_target(m, k, cfg.whiten, cfg.ridge) for m in moments]
+    say("solving the rotations")
+    q, q_layer, singular = _global_and_layer_bases(moments, targets, k, d_s)
+    stage_of, q_stage, q_ref, refine_info = _stage_bases(moments, targets, q, k, d_s, cfg)
+    plan = AlignmentPlan(
+        cfg,
+        layer_map,
+        k,
+        q,
+        q_layer,
+        q_stage,
+        q_ref,
+        stage_of,
+        [t.p_t for t in targets],
+        [cap.stats("teacher", f"blocks.{layer_map[j]}.resid_pre", "body").mean() for j in range(n)]
+        + [cap.stats("teacher", "final.normed", "body").mean()],
+        _diagnostics(moments, targets, q, q_layer, q_ref, stage_of, k, d_s),
+        refine_info,
+    )
+    plan.capture_run_id = str(cap.manifest.get("run_id", ""))
+    plan.singular_values = singular
+    if cfg.permute_heads:
+        say("attention patterns for head matching")
+        _head_permutations(plan, teacher, student, docs, cfg)
+    if cfg.permute_neurons:
+        say("neuron correlations")
+        _neuron_permutations(plan, cap, n, cfg)
+    if cfg.ridge_head:
+        say("fitting the ridge LM head")
+        _ridge_head(plan, cap, teacher, student, cfg, work, places, system_prompt)
+    return plan
+
+
+def _global_and_layer_bases(
+    moments: list[Any], targets: list[Any], k: int, d_s: int
+) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[float]]]:
+    """One rotation for every site (trace-normalised pooled covariance) and one per layer."""
+    n = len(moments) - 1
     pooled = sum(
         (m.c_s / max(1e-300, float(torch.trace(m.c_s))) for m in moments),
         torch.zeros_like(moments[0].c_s),
     )
-    use_pool = pooled if k < d_s else None
-    say("solving the rotations")
-    q, sv = rot.solve_basis(targets, use_pool)
+    q, sv = rot.solve_basis(targets, pooled if k < d_s else None)
     singular = {"global": sv.tolist()}
     q_layer = []
     for j in range(n):
         qj, svj = rot.solve_basis([targets[j]], moments[j].c_s if k < d_s else None)
         q_layer.append(qj)
         singular[f"layer_{j}"] = svj.tolist()
+    return q, q_layer, singular
+
+
+def _stage_bases(
+    moments: list[Any], targets: list[Any], q: torch.Tensor, k: int, d_s: int, cfg: AlignConfig
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], list[dict[str, Any]]]:
+    """Per-stage bases and the Householder refinement of the global rotation, stage by stage."""
+    n = len(moments) - 1
     stage_list = rot.stages(n, cfg.stage_size)
     stage_of = [s for s, blocks in enumerate(stage_list) for _ in blocks]
     q_stage: list[torch.Tensor] = [torch.empty(0)] * n
@@ -197,6 +239,21 @@ def fit_alignment(
                 "target_met_before": hist[0] >= cfg.cosine_target,
             }
         )
+    return stage_of, q_stage, q_ref, refine_info
+
+
+def _diagnostics(
+    moments: list[Any],
+    targets: list[Any],
+    q: torch.Tensor,
+    q_layer: list[torch.Tensor],
+    q_ref: list[torch.Tensor],
+    stage_of: list[int],
+    k: int,
+    d_s: int,
+) -> list[dict[str, Any]]:
+    """Per site: RMS, and cosine and residual of the fit for the identity and each rotation."""
+    n = len(moments) - 1
     eye = torch.eye(d_s, dtype=torch.float64)
     diag = []
     for idx, (m, t) in enumerate(zip(moments, targets, strict=True)):
@@ -219,81 +276,79 @@ def fit_alignment(
                 "residual_refined": rot.residual_ratio(t, applied_ref, m.c_s),
             }
         )
-    plan = AlignmentPlan(
-        cfg,
-        layer_map,
-        k,
-        q,
-        q_layer,
-        q_stage,
-        q_ref,
-        stage_of,
-        [t.p_t for t in targets],
-        [cap.stats("teacher", f"blocks.{layer_map[j]}.resid_pre", "body").mean() for j in range(n)]
-        + [cap.stats("teacher", "final.normed", "body").mean()],
-        diag,
-        refine_info,
-    )
-    plan.capture_run_id = str(cap.manifest.get("run_id", ""))
-    plan.singular_values = singular
-    if cfg.permute_heads:
-        say("attention patterns for head matching")
-        ids = []
-        for d in docs[: cfg.pattern_docs]:
-            text = d.text if hasattr(d, "text") else str(d)
-            t_ids = student.tokenizer(text)["input_ids"][: cfg.pattern_max_length]
-            ids.append(torch.tensor(t_ids, dtype=torch.long))
-        sims = head_similarity(tm, sm, ids, layer_map)
-        for j, sim in enumerate(sims):
-            gperm, hperm, scores = head_permutation(
-                sim, ta.geometry.num_kv_heads, sa.geometry.num_kv_heads
-            )
-            plan.head_perms[j] = (gperm, hperm)
-            plan.perm_scores.setdefault(j, {}).update(
-                {f"heads_{k_}": v for k_, v in scores.items()}
-            )
-    if cfg.permute_neurons:
-        say("neuron correlations")
-        layers = cfg.neuron_layers if cfg.neuron_layers is not None else list(range(n))
-        for j in layers:
-            if not 0 <= j < n:
-                raise GradfreeError(f"Neuron layer {j} is out of range (the student has {n}).")
-            tx = cap.dumps("teacher", f"blocks.{layer_map[j]}.mlp_hidden")["x"]
-            sx = cap.dumps("student", f"blocks.{j}.mlp_hidden")["x"]
-            perm, scores = neuron_permutation(tx, sx)
-            plan.neuron_perms[j] = perm
-            plan.perm_scores.setdefault(j, {}).update(
-                {f"neurons_{k_}": v for k_, v in scores.items()}
-            )
-    if cfg.ridge_head:
-        say("fitting the ridge LM head")
-        s_final = cap.stats("student", "final.normed", "all")
-        c_final = cap.cross("final.normed", "final.normed", "all")
-        if cfg.style_prompts and places:
-            from gradfree.texts.corpora import system_prompt as default_prompt
+    return diag
 
-            gen = generate_style_texts(
-                tm,
-                teacher.tokenizer,
-                places[: cfg.style_places],
-                system_prompt or default_prompt(),
-                cfg.style_tokens,
-            )
-            texts = [student.tokenizer.decode(ids) for ids, _ in gen]
-            plan.style_texts = texts
-            scap = _capture(
-                teacher, student, texts, cfg, work / "style_capture", ["final.normed"], False
-            )
-            s_final = s_final + scap.stats("student", "final.normed", "all")
-            c_final = c_final + scap.cross("final.normed", "final.normed", "all")
-        head, info = fit_ridge_head(
-            s_final,
-            c_final,
-            ta.lm_head.weight,
-            sa.lm_head.weight,
-            rel_lambda=cfg.head_lambda,
-            blend=cfg.head_blend,
-            chunk=cfg.head_chunk,
+
+def _head_permutations(
+    plan: AlignmentPlan, teacher: Any, student: Any, docs: list[Any], cfg: AlignConfig
+) -> None:
+    """Head permutations per KV group from the attention patterns of a few documents."""
+    ta, sa = get_adapter(teacher.model), get_adapter(student.model)
+    ids = []
+    for d in docs[: cfg.pattern_docs]:
+        text = d.text if hasattr(d, "text") else str(d)
+        t_ids = student.tokenizer(text)["input_ids"][: cfg.pattern_max_length]
+        ids.append(torch.tensor(t_ids, dtype=torch.long))
+    sims = head_similarity(teacher.model, student.model, ids, plan.layer_map)
+    for j, sim in enumerate(sims):
+        gperm, hperm, scores = head_permutation(
+            sim, ta.geometry.num_kv_heads, sa.geometry.num_kv_heads
         )
-        plan.head, plan.head_info = head, {**info, "style_texts": len(plan.style_texts)}
-    return plan
+        plan.head_perms[j] = (gperm, hperm)
+        plan.perm_scores.setdefault(j, {}).update({f"heads_{k_}": v for k_, v in scores.items()})
+
+
+def _neuron_permutations(plan: AlignmentPlan, cap: Any, n: int, cfg: AlignConfig) -> None:
+    """Neuron permutations from the correlations of the dumped MLP hidden activations."""
+    layers = cfg.neuron_layers if cfg.neuron_layers is not None else list(range(n))
+    for j in layers:
+        if not 0 <= j < n:
+            raise GradfreeError(f"Neuron layer {j} is out of range (the student has {n}).")
+        tx = cap.dumps("teacher", f"blocks.{plan.layer_map[j]}.mlp_hidden")["x"]
+        sx = cap.dumps("student", f"blocks.{j}.mlp_hidden")["x"]
+        perm, scores = neuron_permutation(tx, sx)
+        plan.neuron_perms[j] = perm
+        plan.perm_scores.setdefault(j, {}).update({f"neurons_{k_}": v for k_, v in scores.items()})
+
+
+def _ridge_head(
+    plan: AlignmentPlan,
+    cap: Any,
+    teacher: Any,
+    student: Any,
+    cfg: AlignConfig,
+    work: Path,
+    places: list[str] | None,
+    system_prompt: str | None,
+) -> None:
+    """The ridge LM head from the final states, plus the teacher's style texts when asked."""
+    ta, sa = get_adapter(teacher.model), get_adapter(student.model)
+    s_final = cap.stats("student", "final.normed", "all")
+    c_final = cap.cross("final.normed", "final.normed", "all")
+    if cfg.style_prompts and places:
+        from gradfree.texts.corpora import system_prompt as default_prompt
+
+        gen = generate_style_texts(
+            teacher.model,
+            teacher.tokenizer,
+            places[: cfg.style_places],
+            system_prompt or default_prompt(),
+            cfg.style_tokens,
+        )
+        texts = [student.tokenizer.decode(ids) for ids, _ in gen]
+        plan.style_texts = texts
+        scap = _capture(
+            teacher, student, texts, cfg, work / "style_capture", ["final.normed"], False
+        )
+        s_final = s_final + scap.stats("student", "final.normed", "all")
+        c_final = c_final + scap.cross("final.normed", "final.normed", "all")
+    head, info = fit_ridge_head(
+        s_final,
+        c_final,
+        ta.lm_head.weight,
+        sa.lm_head.weight,
+        rel_lambda=cfg.head_lambda,
+        blend=cfg.head_blend,
+        chunk=cfg.head_chunk,
+    )
+    plan.head, plan.head_info = head, {**info, "style_texts": len(plan.style_texts)}

@@ -103,24 +103,7 @@ def render_ablation(rec: dict[str, Any]) -> str:
             f"- `{name}` is function-preserving: KL differs from the base by "
             f"{c['kl_diff_vs_base']:.2e} → {verdict}."
         )
-    lines += ["", "## Per language (KL / top-1 on held-out documents; questions matched)", ""]
-    langs = sorted({lang for r in rows.values() for lang in r["by_lang"]})
-    qlangs = sorted({lang for r in rows.values() if r.get("qa") for lang in r["qa"]["by_lang"]})
-    lines += ["| variant | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-    for name, r in rows.items():
-        cells = [
-            f"{r['by_lang'][lg]['kl']:.3f} / {r['by_lang'][lg]['top1']:.2f}"
-            if lg in r["by_lang"]
-            else "–"
-            for lg in langs
-        ]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-    if qlangs:
-        lines += ["", "| variant | " + " | ".join(qlangs) + " |", "|---|" + "---|" * len(qlangs)]
-        for name, r in rows.items():
-            by = r["qa"]["by_lang"] if r.get("qa") else {}
-            cells = [f"{by[lg]['matched']}/{by[lg]['n']}" if lg in by else "–" for lg in qlangs]
-            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += _per_language(rows)
     lines += ["", "## Per layer: RMS ratio of the residual difference", ""]
     lines += ["| site | " + " | ".join(f"`{n}`" for n in rows) + " |", "|---|" + "---|" * len(rows)]
     for i, layer in enumerate(any_row["layers"]):
@@ -141,6 +124,30 @@ def render_ablation(rec: dict[str, Any]) -> str:
     for s in rec["stages"]:
         lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_gib']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _per_language(rows: dict[str, Any]) -> list[str]:
+    """KL / top-1 per language of the held-out documents, then questions matched per language."""
+    lines: list[str] = []
+    lines += ["", "## Per language (KL / top-1 on held-out documents; questions matched)", ""]
+    langs = sorted({lang for r in rows.values() for lang in r["by_lang"]})
+    qlangs = sorted({lang for r in rows.values() if r.get("qa") for lang in r["qa"]["by_lang"]})
+    lines += ["| variant | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for name, r in rows.items():
+        cells = [
+            f"{r['by_lang'][lg]['kl']:.3f} / {r['by_lang'][lg]['top1']:.2f}"
+            if lg in r["by_lang"]
+            else "–"
+            for lg in langs
+        ]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if qlangs:
+        lines += ["", "| variant | " + " | ".join(qlangs) + " |", "|---|" + "---|" * len(qlangs)]
+        for name, r in rows.items():
+            by = r["qa"]["by_lang"] if r.get("qa") else {}
+            cells = [f"{by[lg]['matched']}/{by[lg]['n']}" if lg in by else "–" for lg in qlangs]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return lines
 
 
 def narrative(rec: dict[str, Any]) -> list[str]:

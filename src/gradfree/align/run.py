@@ -210,11 +210,11 @@ def run_ablation(
     Returns the JSON record. The teacher runs once, before any variant."""
     import gc
 
-    from gradfree.align.evaluate import build_reference, evaluate_variant
+    from gradfree.align.evaluate import build_reference
     from gradfree.align.fit import generate_style_texts
     from gradfree.align.report import render_ablation
     from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
-    from gradfree.base.provenance import Stopwatch, machine, versions
+    from gradfree.base.provenance import Stopwatch
     from gradfree.texts.corpora import load_corpus, load_questions, system_prompt
 
     say = say or (lambda m: None)
@@ -230,8 +230,6 @@ def run_ablation(
     prompt = system_prompt()
     run_id = uuid.uuid4().hex[:12]
     watch = Stopwatch()
-    rows: dict[str, Any] = {}
-    failures: list[str] = []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("fit (capture + solves)"):
             plan = fit_alignment(
@@ -266,55 +264,8 @@ def run_ablation(
             )
         teacher_desc = {"name": teacher.name, "fingerprint": teacher.fingerprint}
         write_ledger(tmp, run_id, plan, [plan.q] * len(plan.q_layer) if acfg.rotate else None)
-        for name in cfg.variants:
-            toggles = VARIANTS[name]
-            say(f"variant {name}")
-            with watch.stage(f"variant {name}"):
-                model = copy.deepcopy(student.model)
-                try:
-                    ops = apply_plan_(model, plan, **toggles)
-                    res = evaluate_variant(
-                        model,
-                        student.tokenizer,
-                        ref,
-                        plan.k,
-                        questions=qs,
-                        system_prompt=prompt,
-                        max_new_tokens=cfg.max_new_tokens,
-                    )
-                except (GradfreeError, RuntimeError, ValueError) as e:
-                    failures.append(f"{name}: {e}")
-                    del model
-                    continue
-                res["toggles"] = toggles
-                res["function_preserving"] = function_preserving(toggles)
-                res["transition_cost"] = next(
-                    (o.get("transition_cost") for o in ops if o.get("op") == "rotate_per_layer"),
-                    None,
-                )
-                rows[name] = res
-                del model
-                gc.collect()
-        record = {
-            "run_id": run_id,
-            "config": cfg.model_dump(mode="json"),
-            "k": plan.k,
-            "layer_map": plan.layer_map,
-            "fit_layers": plan.layers,
-            "refine": plan.refine,
-            "permutation_scores": {str(k): v for k, v in plan.perm_scores.items()},
-            "head": plan.head_info,
-            "teacher_qa": ref.qa,
-            "heldout_docs": [
-                {"id": d["id"], "lang": d["lang"], "tokens": len(d["ids"])} for d in ref.docs
-            ],
-            "prompt_places": _places(held)[: cfg.prompt_places],
-            "variants": rows,
-            "failures": failures,
-            "stages": watch.rows,
-            "versions": versions(),
-            "machine": machine(),
-        }
+        rows, failures = _variants(student, plan, ref, cfg, qs, prompt, watch, say)
+        record = _ablation_record(run_id, cfg, plan, ref, held, rows, failures, watch)
         record["checks"] = _checks(rows)
         prompts_all = [d.text for d in docs] + plan.style_texts
         write_json_atomic(
@@ -336,6 +287,91 @@ def run_ablation(
     del ref
     gc.collect()
     return record
+
+
+def _ablation_record(
+    run_id: str,
+    cfg: AblateConfig,
+    plan: Any,
+    ref: Any,
+    held: list[Any],
+    rows: dict[str, Any],
+    failures: list[str],
+    watch: Any,
+) -> dict[str, Any]:
+    """``ablation.json``: the plan's solves, the teacher's reference facts and every variant."""
+    from gradfree.base.provenance import machine, versions
+
+    return {
+        "run_id": run_id,
+        "config": cfg.model_dump(mode="json"),
+        "k": plan.k,
+        "layer_map": plan.layer_map,
+        "fit_layers": plan.layers,
+        "refine": plan.refine,
+        "permutation_scores": {str(k): v for k, v in plan.perm_scores.items()},
+        "head": plan.head_info,
+        "teacher_qa": ref.qa,
+        "heldout_docs": [
+            {"id": d["id"], "lang": d["lang"], "tokens": len(d["ids"])} for d in ref.docs
+        ],
+        "prompt_places": _places(held)[: cfg.prompt_places],
+        "variants": rows,
+        "failures": failures,
+        "stages": watch.rows,
+        "versions": versions(),
+        "machine": machine(),
+    }
+
+
+def _variants(
+    student: Any,
+    plan: Any,
+    ref: Any,
+    cfg: AblateConfig,
+    qs: list[Any],
+    prompt: str,
+    watch: Any,
+    say: Any,
+) -> tuple[dict[str, Any], list[str]]:
+    """Apply and evaluate every variant on a copy of the student (one at a time in memory);
+    a variant that fails is recorded as a failure and the others still run."""
+    import gc
+
+    from gradfree.align.evaluate import evaluate_variant
+
+    rows: dict[str, Any] = {}
+    failures: list[str] = []
+    for name in cfg.variants:
+        toggles = VARIANTS[name]
+        say(f"variant {name}")
+        with watch.stage(f"variant {name}"):
+            model = copy.deepcopy(student.model)
+            try:
+                ops = apply_plan_(model, plan, **toggles)
+                res = evaluate_variant(
+                    model,
+                    student.tokenizer,
+                    ref,
+                    plan.k,
+                    questions=qs,
+                    system_prompt=prompt,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
+            except (GradfreeError, RuntimeError, ValueError) as e:
+                failures.append(f"{name}: {e}")
+                del model
+                continue
+            res["toggles"] = toggles
+            res["function_preserving"] = function_preserving(toggles)
+            res["transition_cost"] = next(
+                (o.get("transition_cost") for o in ops if o.get("op") == "rotate_per_layer"),
+                None,
+            )
+            rows[name] = res
+            del model
+            gc.collect()
+    return rows, failures
 
 
 def _checks(rows: dict[str, Any]) -> dict[str, Any]:

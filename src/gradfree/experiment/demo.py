@@ -138,93 +138,20 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
     from gradfree.adapters import get_adapter
     from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
-    from gradfree.capture import make_config, run_capture
-    from gradfree.evaluation.run import evaluate, write_eval
     from gradfree.models import load_model
-    from gradfree.spectrum.report import build_report, write_report
-    from gradfree.texts.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
 
     torch.manual_seed(cfg.seed)
     out = check_new_output(out, overwrite)
     watch = Stopwatch()
     with watch.stage("fetch models and texts (when missing)"):
         _ensure_inputs(cfg, say)
-    calib = load_corpus(cfg.corpus, split="calibration", limit=cfg.calibration_limit)
-    held = load_corpus(cfg.corpus, split="heldout", limit=cfg.heldout_limit)
-    public = load_corpus(cfg.public_corpus, split=cfg.public_split, limit=cfg.public_limit)
-    questions = load_questions() if cfg.questions else None
     with watch.stage("load teacher and student"):
         teacher = load_model(cfg.teacher, device=cfg.device, dtype=cfg.dtype)
         student = load_model(cfg.student, device=cfg.device, dtype=cfg.dtype)
-    results: dict[str, Any] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        say(f"capturing paired statistics on {len(calib)} calibration documents")
-        with watch.stage("paired capture (teacher + student)"):
-            capture_cfg = make_config(
-                sites=cfg.sites,
-                max_length=cfg.max_length,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-            )
-            cap = run_capture(
-                {"teacher": teacher, "student": student},
-                calib,
-                tmp / "capture",
-                capture_cfg,
-                corpus=corpus_manifest(calib, cfg.corpus),
-            )
-        trunk = get_adapter(student.model).hidden_size // 2
-        spectra = {}
-        for role, loaded in (("student", student), ("teacher", teacher)):
-            say(f"spectra of the {role}")
-            with watch.stage(f"spectra ({role}: activations + weights)"):
-                report = build_report(
-                    tmp / "capture",
-                    roles=[role],
-                    loaded=loaded,
-                    trunk_width=trunk,
-                    embeddings=cfg.weight_embeddings,
-                )
-                write_report(report, tmp / "spectrum" / role)
-                spectra[role] = report
-        for split_name, docs, qs in (
-            ("tourguide-heldout", held, questions),
-            ("public", public, None),
-        ):
-            say(f"evaluating on {split_name} ({len(docs)} documents)")
-            with watch.stage(f"eval student vs teacher on {split_name}"):
-                res = evaluate(
-                    student.model,
-                    student.tokenizer,
-                    docs,
-                    teacher=teacher.model,
-                    teacher_tokenizer=teacher.tokenizer,
-                    questions=qs,
-                    system_prompt=system_prompt() if qs else None,
-                    max_new_tokens=cfg.max_new_tokens,
-                    max_length=cfg.max_length,
-                    stride=cfg.max_length // 2,
-                    batch_size=cfg.batch_size,
-                    device=cfg.device,
-                )
-                res["corpus"] = corpus_manifest(docs, split_name)
-                write_eval(res, tmp / "eval" / f"student-{split_name}")
-            if qs:
-                with watch.stage(f"teacher answers the place questions ({len(qs)})"):
-                    tres = evaluate(
-                        teacher.model,
-                        teacher.tokenizer,
-                        docs[:1],
-                        questions=qs,
-                        system_prompt=system_prompt(),
-                        max_new_tokens=cfg.max_new_tokens,
-                        max_length=cfg.max_length,
-                        stride=cfg.max_length // 2,
-                        device=cfg.device,
-                    )
-                    write_eval(tres, tmp / "eval" / "teacher-questions")
-                res["teacher_qa"] = tres["qa"]
-            results[split_name] = res
+        cap = _capture_stage(cfg, teacher, student, tmp, watch, say)
+        spectra = _spectra_stage(cfg, teacher, student, tmp, watch, say)
+        results = _eval_stage(cfg, teacher, student, tmp, watch, say)
         ablation = None
         if cfg.ablation is not None:
             from gradfree.align import run_ablation
@@ -234,22 +161,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
                 ablation = run_ablation(teacher, student, cfg.ablation, tmp / "ablation", say=say)
         experiment = None
         if cfg.experiment is not None:  # last: it folds the models' norms (function-preserving)
-            from gradfree.experiment import make_experiment, run_experiment
-
-            _release_memory()  # the paired capture below needs ~11 GB beside the two models
-            exp = make_experiment(
-                {
-                    **cfg.experiment,
-                    "teacher": cfg.teacher,
-                    "student": cfg.student,
-                    "device": cfg.device,
-                    "dtype": cfg.dtype,
-                }
-            )
-            say(f"compression experiment: {len(exp.rows)} rows")
-            with watch.stage("compression experiment (issue 4: references, capture, rows)"):
-                run_experiment(exp, tmp / "experiment", say=say, models=(teacher, student))
-            experiment = (tmp / "experiment" / "results.md").read_text(encoding="utf-8")
+            experiment = _experiment_stage(cfg, teacher, student, tmp, watch, say)
         models = {
             "teacher": {"spec": cfg.teacher, **get_adapter(teacher.model).describe()},
             "student": {"spec": cfg.student, **get_adapter(student.model).describe()},
@@ -273,6 +185,130 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
     return out
 
 
+def _capture_stage(
+    cfg: DemoConfig, teacher: Any, student: Any, tmp: Path, watch: Any, say: Any
+) -> Any:
+    """The paired capture of the calibration blurbs (``capture/``)."""
+    from gradfree.capture import make_config, run_capture
+    from gradfree.texts.corpora import corpus_manifest, load_corpus
+
+    calib = load_corpus(cfg.corpus, split="calibration", limit=cfg.calibration_limit)
+    say(f"capturing paired statistics on {len(calib)} calibration documents")
+    with watch.stage("paired capture (teacher + student)"):
+        capture_cfg = make_config(
+            sites=cfg.sites,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+        return run_capture(
+            {"teacher": teacher, "student": student},
+            calib,
+            tmp / "capture",
+            capture_cfg,
+            corpus=corpus_manifest(calib, cfg.corpus),
+        )
+
+
+def _spectra_stage(
+    cfg: DemoConfig, teacher: Any, student: Any, tmp: Path, watch: Any, say: Any
+) -> dict[str, Any]:
+    """Activation and weight spectra of both models from the capture (``spectrum/{role}/``)."""
+    from gradfree.adapters import get_adapter
+    from gradfree.spectrum.report import build_report, write_report
+
+    trunk = get_adapter(student.model).hidden_size // 2
+    spectra = {}
+    for role, loaded in (("student", student), ("teacher", teacher)):
+        say(f"spectra of the {role}")
+        with watch.stage(f"spectra ({role}: activations + weights)"):
+            report = build_report(
+                tmp / "capture",
+                roles=[role],
+                loaded=loaded,
+                trunk_width=trunk,
+                embeddings=cfg.weight_embeddings,
+            )
+            write_report(report, tmp / "spectrum" / role)
+            spectra[role] = report
+    return spectra
+
+
+def _eval_stage(
+    cfg: DemoConfig, teacher: Any, student: Any, tmp: Path, watch: Any, say: Any
+) -> dict[str, Any]:
+    """The student against the teacher on held-out and public texts (``eval/``)."""
+    from gradfree.evaluation.run import evaluate, write_eval
+    from gradfree.texts.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
+
+    held = load_corpus(cfg.corpus, split="heldout", limit=cfg.heldout_limit)
+    public = load_corpus(cfg.public_corpus, split=cfg.public_split, limit=cfg.public_limit)
+    questions = load_questions() if cfg.questions else None
+    results: dict[str, Any] = {}
+    for split_name, docs, qs in (
+        ("tourguide-heldout", held, questions),
+        ("public", public, None),
+    ):
+        say(f"evaluating on {split_name} ({len(docs)} documents)")
+        with watch.stage(f"eval student vs teacher on {split_name}"):
+            res = evaluate(
+                student.model,
+                student.tokenizer,
+                docs,
+                teacher=teacher.model,
+                teacher_tokenizer=teacher.tokenizer,
+                questions=qs,
+                system_prompt=system_prompt() if qs else None,
+                max_new_tokens=cfg.max_new_tokens,
+                max_length=cfg.max_length,
+                stride=cfg.max_length // 2,
+                batch_size=cfg.batch_size,
+                device=cfg.device,
+            )
+            res["corpus"] = corpus_manifest(docs, split_name)
+            write_eval(res, tmp / "eval" / f"student-{split_name}")
+        if qs:
+            with watch.stage(f"teacher answers the place questions ({len(qs)})"):
+                tres = evaluate(
+                    teacher.model,
+                    teacher.tokenizer,
+                    docs[:1],
+                    questions=qs,
+                    system_prompt=system_prompt(),
+                    max_new_tokens=cfg.max_new_tokens,
+                    max_length=cfg.max_length,
+                    stride=cfg.max_length // 2,
+                    device=cfg.device,
+                )
+                write_eval(tres, tmp / "eval" / "teacher-questions")
+            res["teacher_qa"] = tres["qa"]
+        results[split_name] = res
+    return results
+
+
+def _experiment_stage(
+    cfg: DemoConfig, teacher: Any, student: Any, tmp: Path, watch: Any, say: Any
+) -> str:
+    """Issue 4's compression rows as a small ``gradfree experiment`` (``experiment/``)."""
+    from gradfree.experiment import make_experiment, run_experiment
+
+    _release_memory()  # the paired capture below needs ~11 GB beside the two models
+    exp = make_experiment(
+        {
+            **(cfg.experiment or {}),
+            "teacher": cfg.teacher,
+            "student": cfg.student,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+        }
+    )
+    say(f"compression experiment: {len(exp.rows)} rows")
+    with watch.stage("compression experiment (issue 4: references, capture, rows)"):
+        run_experiment(exp, tmp / "experiment", say=say, models=(teacher, student))
+    experiment = (tmp / "experiment" / "results.md").read_text(encoding="utf-8")
+    return experiment
+
+
 def _report(
     cfg: DemoConfig,
     record: dict[str, Any],
@@ -283,8 +319,6 @@ def _report(
     ablation: dict[str, Any] | None = None,
     experiment: str | None = None,
 ) -> str:
-    from gradfree.spectrum.report import _seed002_rows
-
     m = record["models"]
     lines = [
         "# gradfree demo report",
@@ -309,8 +343,18 @@ def _report(
             f"{d['intermediate_size']} | {d['num_heads']} | {d['num_kv_heads']} | "
             f"{d['head_dim']} | {d['tied_embeddings']} |"
         )
+    lines += _capture_section(cfg, cap, spectra)
+    lines += _evaluation_section(results)
+    lines += _attached_sections(ablation, experiment)
+    lines += ["", "## Time and memory per stage", "", watch.table(), ""]
+    return "\n".join(lines)
+
+
+def _capture_section(cfg: DemoConfig, cap: Any, spectra: dict[str, Any]) -> list[str]:
+    from gradfree.spectrum.report import seed002_rows
+
     tokens = {r: cap.manifest["roles"][r]["tokens"] for r in cap.roles}
-    lines += [
+    lines = [
         "",
         "## Capture",
         "",
@@ -329,9 +373,13 @@ def _report(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for role in ("student", "teacher"):
-        lines += _seed002_rows(spectra[role])
+        lines += seed002_rows(spectra[role])
     lines += ["", *_weights_vs_acts(spectra, cfg)]
-    lines += [
+    return lines
+
+
+def _evaluation_section(results: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Evaluation",
         "",
@@ -359,6 +407,12 @@ def _report(
     ]
     for row in res["layers"]:
         lines.append(f"| {row['student_layer']} | {row['teacher_layer']} | {_fmt(row['cka'])} |")
+    return lines
+
+
+def _attached_sections(ablation: dict[str, Any] | None, experiment: str | None) -> list[str]:
+    """The ablation's and the experiment's own reports, as sections of this one."""
+    lines: list[str] = []
     if ablation is not None:
         from gradfree.align.report import render_ablation
 
@@ -378,8 +432,7 @@ def _report(
             "(every number, merge profiles), `experiment/plots/`. The full matrix: "
             "`gradfree experiment --config experiments/seed000.yaml`.",
         ]
-    lines += ["", "## Time and memory per stage", "", watch.table(), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _weights_vs_acts(spectra: dict[str, Any], cfg: DemoConfig) -> list[str]:

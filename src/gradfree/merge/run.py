@@ -195,7 +195,6 @@ def _write(
     keep_statistics: bool,
 ) -> dict[str, Any]:
     """Prepare, stream every tensor group into ``tmp``, save config/tokenizer and the record."""
-    import torch
     from transformers import GenerationConfig
 
     from gradfree.base.io import write_json_atomic, write_text_atomic
@@ -209,27 +208,8 @@ def _write(
     sw = Stopwatch()
     with sw.stage("prepare"):
         method.prepare(ctx)
-    dist = [[0.0, 0.0] for _ in everyone]
     with sw.stage("merge"):
-        writer = ShardWriter(tmp, recipe.max_shard_mb * 2**20)
-        groups = method.groups(ctx.names)
-        for gi, group in enumerate(groups):
-            xs = {n: [s.get(n).to(math_device, torch.float64) for s in ctx.sources] for n in group}
-            bx = None
-            if ctx.base_source is not None:
-                bx = {n: ctx.base_source.get(n).to(math_device, torch.float64) for n in group}
-            merged = method.merge_group(group, xs, bx)
-            for n in group:
-                y = merged[n].to(torch_out)
-                refs = xs[n] + ([bx[n]] if bx is not None else [])
-                for k, (d2, x2) in enumerate(_distance_sums(y.to(torch.float64), refs)):
-                    dist[k][0] += d2
-                    dist[k][1] += x2
-                writer.add(n, y)
-            del xs, bx, merged
-            if (gi + 1) % 100 == 0:
-                ctx.say(f"merged {gi + 1}/{len(groups)} tensor groups")
-        files = writer.close()
+        writer, files, dist = _stream(ctx, method, tmp, math_device, torch_out, len(everyone))
     if keep_statistics:
         ctx.work.rename(tmp / "statistics")
     else:
@@ -286,6 +266,41 @@ def _write(
     write_json_atomic(tmp / "merge.json", record)
     write_text_atomic(tmp / "report.md", render_report(record, sw.table()))
     return record
+
+
+def _stream(
+    ctx: MergeContext,
+    method: MergeMethod,
+    tmp: Path,
+    math_device: str,
+    torch_out: Any,
+    n_inputs: int,
+) -> tuple[ShardWriter, list[str], list[list[float]]]:
+    """Merge tensor group by group in float64 and write the shards; also the sums of each
+    input's squared distance to the result (for ``relative_distance_to_inputs``)."""
+    import torch
+
+    dist = [[0.0, 0.0] for _ in range(n_inputs)]
+    writer = ShardWriter(tmp, ctx.recipe.max_shard_mb * 2**20)
+    groups = method.groups(ctx.names)
+    for gi, group in enumerate(groups):
+        xs = {n: [s.get(n).to(math_device, torch.float64) for s in ctx.sources] for n in group}
+        bx = None
+        if ctx.base_source is not None:
+            bx = {n: ctx.base_source.get(n).to(math_device, torch.float64) for n in group}
+        merged = method.merge_group(group, xs, bx)
+        for n in group:
+            y = merged[n].to(torch_out)
+            refs = xs[n] + ([bx[n]] if bx is not None else [])
+            for k, (d2, x2) in enumerate(_distance_sums(y.to(torch.float64), refs)):
+                dist[k][0] += d2
+                dist[k][1] += x2
+            writer.add(n, y)
+        del xs, bx, merged
+        if (gi + 1) % 100 == 0:
+            ctx.say(f"merged {gi + 1}/{len(groups)} tensor groups")
+    files = writer.close()
+    return writer, files, dist
 
 
 def render_report(record: dict[str, Any], timings: str) -> str:

@@ -97,7 +97,7 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _seed002_rows(report: SpectrumReport) -> list[str]:
+def seed002_rows(report: SpectrumReport) -> list[str]:
     """Median over layers, per (role, site), of the artifact-prone and the corrected Df."""
     rows = []
     groups: dict[tuple[str, str], list[SiteSpectrum]] = {}
@@ -157,7 +157,7 @@ def render_markdown(report: SpectrumReport, plots: Sequence[Path] = ()) -> str:
         "| role | site | layers | Df u/all | Df c/all | Df c/body | k95 u/all | k95 c/body | "
         "mean share |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        *_seed002_rows(report),
+        *seed002_rows(report),
     ]
     groups: dict[tuple[str, str], list[SiteSpectrum]] = {}
     for s in report.activations:
