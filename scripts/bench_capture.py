@@ -58,11 +58,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Doc]] | None:
 
 def _docs_for(tokenizer: Any, docs: list[Doc], n_tokens: int) -> list[Doc]:
     """Corpus documents in order (cycled with new ids if needed) until ``n_tokens`` tokens."""
+    from gradfree.texts.windows import encode
+
     out: list[Doc] = []
     total, lap = 0, 0
     while total < n_tokens:
         for d in docs:
-            ids = tokenizer(d.text, verbose=False)["input_ids"]
+            ids = encode(tokenizer, d.text)
             take = min(len(ids), n_tokens - total)
             text = d.text if take == len(ids) else tokenizer.decode(ids[:take])
             out.append(Doc(f"{d.id}#{lap}", text))
@@ -76,10 +78,9 @@ def _docs_for(tokenizer: Any, docs: list[Doc], n_tokens: int) -> list[Doc]:
 def _batches(tokenizer: Any, docs: list[Doc], max_length: int, batch_size: int) -> list[Any]:
     import torch
 
-    windows = []
-    for d in docs:
-        ids = tokenizer(d.text, verbose=False)["input_ids"]
-        windows += [ids[s : s + max_length] for s in range(0, len(ids), max_length)]
+    from gradfree.texts.windows import iter_windows
+
+    windows = [w for _, w in iter_windows(tokenizer, docs, max_length)]
     pad = tokenizer.pad_token_id or 0
     out = []
     for i in range(0, len(windows), batch_size):

@@ -1,20 +1,16 @@
 """Print the logit error of all exact surgery transforms combined, per architecture.
 
 Usage: .venv/bin/python scripts/surgery_errors.py
-Uses the same scramble (fuse + untie + random rotation + KV-group/head/neuron permutations +
-per-head value rotations + RoPE-pair rotations where exact) as tests/test_surgery.py.
+Uses the scramble of :mod:`gradfree.testing.scramble` (fuse + untie + random rotation +
+KV-group/head/neuron permutations + per-head value rotations + RoPE-pair rotations where exact),
+the one tests/test_surgery.py checks.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 import torch
 
-from test_surgery import CASES, logits, make, rel_err, scramble
+from gradfree.testing.scramble import CASES, logits, make, rel_err, scramble
 
 
 def main() -> None:

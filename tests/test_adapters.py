@@ -7,11 +7,21 @@ adapter pointed at the wrong module, or the geometry were wrong, the logits woul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gradfree.adapters import ARCHITECTURES, ModelAdapter, get_adapter
+from gradfree.adapters import (
+    ARCHITECTURES,
+    ModelAdapter,
+    config_for_width,
+    config_head_dim,
+    get_adapter,
+    set_saved_dtype_,
+    untie_config_,
+)
 from gradfree.base.errors import GradfreeError
 from gradfree.testing.tiny import PRESETS, tiny_model
 
@@ -130,3 +140,52 @@ def test_unsupported_architecture_is_one_clear_error() -> None:
 def test_not_a_model_is_an_error() -> None:
     with pytest.raises(GradfreeError, match="not a Hugging Face model"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+# Config edits: the adapter is the only writer of HF config keys -----------------------------------
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_edits_that_change_nothing_keep_the_logits(case: str, tmp_path: Path) -> None:
+    """Re-recording the current width and epsilon, and marking a separate head as untied, leave
+    the function unchanged, also after a save and a plain-transformers reload."""
+    from transformers import AutoModelForCausalLM
+
+    model = _make(case)
+    a = get_adapter(model)
+    ids = torch.randint(0, a.vocab_size, (2, 9))
+    ref = _logits(model, ids)
+    d, eps, g = a.hidden_size, a.norm_eps, a.geometry
+    copy_cfg = config_for_width(model.config, d, eps)
+    assert copy_cfg is not model.config and copy_cfg.head_dim == g.head_dim
+    assert get_adapter(AutoModelForCausalLM.from_config(copy_cfg)).geometry == g
+    if a.tied:  # give the head its own weight, as surgery's untie_ does, then record it
+        a.lm_head.weight = torch.nn.Parameter(a.embed_tokens.weight.detach().clone())
+    a.set_width_(d, eps)
+    a.mark_untied_()
+    assert not a.tied_in_config and not a.tied and (a.hidden_size, a.norm_eps) == (d, eps)
+    assert torch.equal(_logits(model, ids), ref)
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert not get_adapter(back).tied and get_adapter(back).geometry == g
+    assert torch.allclose(_logits(back, ids), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_config_for_width_keeps_the_heads_and_leaves_the_original_alone(model_type: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(model_type, tie_word_embeddings=True)
+    a = get_adapter(model)
+    before = model.config.to_dict()
+    cfg = untie_config_(config_for_width(model.config, 16, 3 * a.norm_eps))
+    assert model.config.to_dict() == before  # a copy was edited
+    wide = get_adapter(AutoModelForCausalLM.from_config(cfg))
+    assert (wide.hidden_size, wide.geometry, wide.norm_eps) == (16, a.geometry, 3 * a.norm_eps)
+    assert not wide.tied and not wide.tied_in_config and a.tied_in_config
+    assert config_head_dim(cfg) == config_head_dim(model.config) == a.geometry.head_dim
+    set_saved_dtype_(cfg, torch.bfloat16)
+    assert cfg.to_dict()["dtype"] == "bfloat16"

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gradfree.cli import main
 from gradfree.testing.tiny import save_tiny
 
 TEXTS = [
@@ -43,26 +42,14 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _models(work: Path) -> list[str]:
     return ["--teacher", str(work / "teacher"), "--student", str(work / "student")]
 
 
-def test_align_end_to_end_is_function_preserving(
-    work: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_align_end_to_end_is_function_preserving(work: Path, run_cli) -> None:
     out = work / "aligned"
-    code, stdout, err = _run(
-        ["align", *_models(work), "--config", str(work / "align.yaml"), "--out", str(out)], capsys
+    code, stdout, err = run_cli(
+        ["align", *_models(work), "--config", str(work / "align.yaml"), "--out", str(out)]
     )
     assert code == 0, err
     assert stdout.strip().endswith("report.md")
@@ -80,14 +67,14 @@ def test_align_end_to_end_is_function_preserving(
     assert float((a - b).abs().max() / b.abs().max()) < 1e-5
     # the ledger re-checks from its stored matrices, with plots
     ledger = out / "rotations" / record["run_id"]
-    code, _, err = _run(["ledger", "check", str(ledger), "--out", str(work / "check")], capsys)
+    code, _, err = run_cli(["ledger", "check", str(ledger), "--out", str(work / "check")])
     assert code == 0 and "ok" in err
     assert (work / "check" / "orthogonality.png").is_file()
     assert json.loads((work / "check" / "check.json").read_text())["ok"]
     # an existing output is refused, and left as it was
     before = sorted(p.name for p in out.iterdir())
-    code, _, err = _run(
-        ["align", *_models(work), "--config", str(work / "align.yaml"), "--out", str(out)], capsys
+    code, _, err = run_cli(
+        ["align", *_models(work), "--config", str(work / "align.yaml"), "--out", str(out)]
     )
     assert code == 2 and "already exists" in err and err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == before
@@ -104,7 +91,7 @@ def test_align_end_to_end_is_function_preserving(
     ],
 )
 def test_cli_errors_are_one_sentence_and_leave_nothing(
-    work: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    work: Path, run_cli, argv: list[str], message: str
 ) -> None:
     out = work / "never"
     args = [a.format(work=work) for a in argv]
@@ -112,18 +99,18 @@ def test_cli_errors_are_one_sentence_and_leave_nothing(
         args += _models(work)
     else:
         args += ["--student", str(work / "student")]
-    code, _, err = _run([*args, "--out", str(out)], capsys)
+    code, _, err = run_cli([*args, "--out", str(out)])
     assert code == 2, err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not out.exists()
     assert not list(work.glob(".never*"))
 
 
-def test_ledger_check_errors(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ledger_check_errors(work: Path, run_cli) -> None:
     empty = work / "empty_ledger"
     empty.mkdir()
-    code, _, err = _run(["ledger", "check", str(empty), "--out", str(work / "c2")], capsys)
+    code, _, err = run_cli(["ledger", "check", str(empty), "--out", str(work / "c2")])
     assert code == 2 and "holds no layer_<i>.json" in err and err.count("\n") == 1
     assert not (work / "c2").exists()
-    code, _, err = _run(["ledger", "check", str(work / "absent")], capsys)
+    code, _, err = run_cli(["ledger", "check", str(work / "absent")])
     assert code == 2 and "does not exist" in err

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from gradfree.align import rotations as rot
-from gradfree.align.ledger import orthogonality
 from gradfree.align.permutations import head_permutation, neuron_permutation, order_by_match
-from gradfree.surgery import random_orthogonal
+from gradfree.surgery import orthogonality, random_orthogonal
 
 
 def planted(n: int = 400, d_s: int = 12, d_t: int = 20, seed: int = 0, noise: float = 0.0):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from gradfree.capture import load_capture
-from gradfree.cli import main
 from gradfree.testing.tiny import save_tiny, tiny_tokenizer
 
 
@@ -32,23 +31,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_paired_capture_and_merge(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_paired_capture_and_merge(work: Path, run_cli) -> None:
     common = ["--teacher", str(work / "teacher"), "--student", str(work / "student")]
     common += ["--max-length", "32", "--batch-size", "1", "--sites", "resid_pre,v,final.normed"]
     common += ["--no-progress"]
-    code, out, err = _run(
-        ["capture", *common, "--corpus", str(work / "docs.jsonl"), "--out", str(work / "all")],
-        capsys,
+    code, out, err = run_cli(
+        ["capture", *common, "--corpus", str(work / "docs.jsonl"), "--out", str(work / "all")]
     )
     assert code == 0, err
     assert out.strip() == str(work / "all") and "cross pairs" in err and "teacher" in err
@@ -57,12 +45,12 @@ def test_paired_capture_and_merge(work: Path, capsys: pytest.CaptureFixture[str]
     assert cap.manifest["roles"]["student"]["name"] and cap.keys("student")[-1] == "final.normed"
     for part in ("a", "b"):
         out_dir = str(work / part)
-        code, _, err = _run(
-            ["capture", *common, "--corpus", str(work / f"{part}.jsonl"), "--out", out_dir], capsys
+        code, _, err = run_cli(
+            ["capture", *common, "--corpus", str(work / f"{part}.jsonl"), "--out", out_dir]
         )
         assert code == 0, err
-    code, out, err = _run(
-        ["capture", "combine", str(work / "a"), str(work / "b"), "--out", str(work / "ab")], capsys
+    code, out, err = run_cli(
+        ["capture", "combine", str(work / "a"), str(work / "b"), "--out", str(work / "ab")]
     )
     assert code == 0, err
     merged = load_capture(work / "ab")
@@ -84,7 +72,7 @@ def test_paired_capture_and_merge(work: Path, capsys: pytest.CaptureFixture[str]
 )
 def test_errors_are_one_line(
     work: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_cli,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str | None],
     message: str,
@@ -108,7 +96,7 @@ def test_errors_are_one_line(
     opts[str(args[0])] = subst.get(str(args[1]), args[1])
     argv = ["capture", "--no-progress"] + [x for k, v in opts.items() if v for x in (k, v)]
     argv += [str(a) for a in args[2:]]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err

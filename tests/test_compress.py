@@ -455,3 +455,57 @@ def test_cli_refuses_existing_out(tmp_path: Path, capsys: pytest.CaptureFixture[
         )
     assert e.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_calibration_captures_once_per_capture_fields_and_reloads_from_disk(
+    tmp_path: Path,
+) -> None:
+    from gradfree.compress import fold_pair_, solve
+    from gradfree.compress.calibration import Calibration
+
+    student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    teacher = tiny_model("qwen2", hidden_size=48, intermediate_size=64, num_hidden_layers=3, seed=5)
+    fold_pair_(teacher, student)
+    tok = tiny_tokenizer()
+    t, s = Subject(teacher, tok), Subject(student, tok)
+    said: list[str] = []
+    cal = Calibration(t, s, DOCS[:3], source={"texts": "a"}, root=tmp_path, say=said.append)
+    recipe = make_recipe(FAST)
+    cap = cal.capture(recipe)
+    # recipes that differ only in how they solve share the capture; capture fields do not
+    assert cal.capture(make_recipe(recipe, merge="uniform", alpha=0.5)) is cap
+    assert cal.key(make_recipe(recipe, max_length=32)) != cal.key(recipe)
+    assert len(said) == 1 and cap.path == tmp_path / cal.key(recipe)
+    again = Calibration(t, s, DOCS[:3], source={"texts": "a"}, root=tmp_path, say=said.append)
+    reloaded = again.capture(recipe)  # the finished folder is loaded, not captured again
+    assert len(said) == 1 and reloaded.manifest["run_id"] == cap.manifest["run_id"]
+    # the calibration's solve is the steps' solve on its capture
+    sol = again.solve(make_recipe(recipe, merge="optimal"))
+    ref = solve(teacher, student, cap, make_recipe(recipe, merge="optimal")).model.state_dict()
+    for k, v in sol.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    assert sol.attention_kl is not None and len(sol.attention_kl) == 2
+
+
+def test_cli_compresses_and_the_library_records_its_inputs(tmp_path: Path, run_cli: Any) -> None:
+    import json
+
+    from gradfree.testing.tiny import save_tiny
+
+    teacher = save_tiny(tmp_path / "t", "qwen2", seed=5, hidden_size=48, num_hidden_layers=3)
+    student = save_tiny(tmp_path / "s", "qwen2", seed=1, hidden_size=32, intermediate_size=48)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": d}) + "\n" for i, d in enumerate(DOCS[:3]))
+    )
+    out = tmp_path / "c"
+    argv = ["compress", "--teacher", str(teacher), "--student", str(student)]
+    argv += ["--corpus", str(corpus), "--out", str(out), "--max-length", "32", "--no-progress"]
+    res = run_cli(argv)
+    assert res.code == 0, res.err
+    report = json.loads((out / "report.json").read_text())
+    inputs = report["inputs"]
+    assert inputs["teacher"]["spec"] == str(teacher) and inputs["teacher"]["fingerprint"]
+    assert inputs["student"]["fingerprint"] and inputs["dtype"] == "float32"
+    assert inputs["corpus"]["n_docs"] == 3 and len(inputs["corpus"]["docs"]) == 3
+    assert report["versions"]["torch"] and not (out / "capture").exists()

@@ -14,7 +14,6 @@ import torch
 
 from gradfree.base.errors import GradfreeError
 from gradfree.capture import Subject
-from gradfree.capture.plan import token_windows
 from gradfree.compress import compress, make_recipe
 from gradfree.compress.attention_kl import attention_kl
 from gradfree.solvers import (
@@ -25,6 +24,7 @@ from gradfree.solvers import (
 )
 from gradfree.testing.planted import embed_student
 from gradfree.testing.tiny import HARBOUR_DOCS, tiny_model, tiny_tokenizer
+from gradfree.texts.windows import token_windows
 
 DOCS = HARBOUR_DOCS
 FAST = {"max_length": 48, "batch_size": 4, "dump_rate": 1.0}

@@ -100,3 +100,18 @@ def test_distill_head_command_writes_a_plain_checkpoint(
     )
     with pytest.raises(SystemExit):
         main([*args, *small])  # an existing output is never overwritten silently
+
+
+def test_compare_heads_scores_both_heads_on_the_same_windows() -> None:
+    from gradfree.compress.head import compare_heads, score_head
+
+    student = tiny_model("qwen2", seed=0)
+    teacher = tiny_model("qwen2", seed=1)
+    own = student.lm_head.weight.detach()
+    same = compare_heads(student, teacher, tiny_tokenizer(), VAL, own, max_length=64)
+    assert same["student"] == same["distilled"] and same["kl_difference_95ci"] == [0.0, 0.0]
+    val = validation_set(student, teacher, tiny_tokenizer(), VAL, max_length=64)
+    full = score_head(val, own)
+    assert same["documents"] == len(val) == len(full["doc_kl"]) == 4
+    assert full["kl"] == head_scores(val, own)["kl"] == same["student"]["kl"]
+    assert sum(full["doc_tokens"]) == full["tokens"] and 0.0 <= full["top1"] <= 1.0

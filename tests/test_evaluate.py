@@ -15,17 +15,12 @@ import pytest
 import torch
 
 from gradfree.base.errors import GradfreeError
-from gradfree.cli import main
 from gradfree.evaluation import metrics
-from gradfree.evaluation.run import (
-    _Runner,
-    answer_questions,
-    build_prompt,
-    evaluate,
-    make_windows,
-    write_eval,
-)
+from gradfree.evaluation.perplexity import _Runner
+from gradfree.evaluation.questions import answer_questions, build_prompt
+from gradfree.evaluation.run import evaluate, write_eval
 from gradfree.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
+from gradfree.texts.windows import make_windows
 
 DOCS = [
     "hi",  # 2 tokens: one scored
@@ -65,6 +60,34 @@ def _context_start(t: int) -> int:
     """By hand, for max_length 16 / stride 8: targets 1..15 see the document from token 0;
     targets in [8k+8, 8k+16) see it from token 8k."""
     return 0 if t < 16 else 8 * ((t - 8) // 8)
+
+
+def test_one_windowing_for_capture_and_every_reference(tmp_path: Path, tok) -> None:
+    from gradfree.evaluation.reference import score, teacher_reference
+    from gradfree.texts.windows import encode, iter_windows
+
+    docs = [SimpleNamespace(id=f"d{i}", text=t) for i, t in enumerate(DOCS)]
+    every = list(iter_windows(tok, docs, 16))
+    ids = [encode(tok, d.text) for d in docs]
+    assert every == [(i, x[s : s + 16]) for i, x in enumerate(ids) for s in range(0, len(x), 16)]
+    assert list(iter_windows(tok, docs, 16, first_only=True)) == [
+        (i, x[:16]) for i, x in enumerate(ids)
+    ]
+    with pytest.raises(GradfreeError, match="appears twice"):
+        list(iter_windows(tok, [docs[0], docs[0]], 16))
+    teacher, model = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    disk = teacher_reference(teacher, tok, docs, tmp_path / "ref", 16)
+    held = teacher_reference(teacher, tok, docs, None, 16)
+    assert disk.teacher == held.teacher and (tmp_path / "ref" / "ref.json").exists()
+    assert len(disk.ids) == len(every) and disk.docs == [i for i, _ in every]
+    for k in range(len(disk.ids)):
+        assert torch.equal(disk.teacher_logp(k), held.teacher_logp(k).half().float())
+    again = teacher_reference(teacher, tok, docs, tmp_path / "ref", 16)  # reused from disk
+    assert score(model, again) == score(model, disk)
+    first = teacher_reference(teacher, tok, docs, None, 16, first_only=True, logits=True)
+    assert [len(w) for w in first.ids] == [min(len(x), 16) for x in ids]
+    with pytest.raises(ValueError, match="logits"):
+        first.teacher_logp(0)
 
 
 def test_perplexity_equals_a_token_by_token_computation(model64, tok) -> None:
@@ -165,6 +188,7 @@ def _cka_reference(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_streaming_cka_equals_the_gram_form_and_has_its_invariances() -> None:
+    from gradfree.capture.similarity import linear_cka_from_stats
     from gradfree.capture.stats import CrossStats, MomentStats
 
     rng = np.random.default_rng(0)
@@ -177,7 +201,7 @@ def test_streaming_cka_equals_the_gram_form_and_has_its_invariances() -> None:
     sx, sy, sxy = MomentStats.empty(12), MomentStats.empty(7), CrossStats.empty(12, 7)
     for a, b in [(0, 13), (13, 120), (120, 200)]:
         sx.update(xt[a:b]), sy.update(yt[a:b]), sxy.update(xt[a:b], yt[a:b])
-    assert metrics.linear_cka_from_stats(sx, sy, sxy) == pytest.approx(ref, rel=1e-10)
+    assert linear_cka_from_stats(sx, sy, sxy) == pytest.approx(ref, rel=1e-10)
     q, _ = np.linalg.qr(rng.standard_normal((7, 7)))
     rotated = torch.from_numpy(5.0 * y @ q)
     assert metrics.linear_cka(xt, rotated) == pytest.approx(ref, rel=1e-10)
@@ -303,32 +327,26 @@ def fake_corpora(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(corpora, "corpus_manifest", lambda d, name: {"name": name, "n": len(d)})
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return int(e.value.code or 0), capsys.readouterr().err
-
-
-def test_cli_errors(tmp_path: Path, capsys, fake_corpora) -> None:
+def test_cli_errors(tmp_path: Path, run_cli, fake_corpora) -> None:
     out = tmp_path / "ev"
     base = ["eval", "--corpus", "c", "--out", str(out)]
-    code, err = _cli([*base, "--model", str(tmp_path / "no_such_model")], capsys)
+    code, _, err = run_cli([*base, "--model", str(tmp_path / "no_such_model")])
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
     assert "no_such_model" in err and not out.exists()
     out.mkdir()
-    code, err = _cli([*base, "--model", str(tmp_path / "no_such_model")], capsys)
+    code, _, err = run_cli([*base, "--model", str(tmp_path / "no_such_model")])
     assert code == 2 and "already exists" in err
-    code, err = _cli([*base, "--model", "x", "--overwrite", "--stride", "600"], capsys)
+    code, _, err = run_cli([*base, "--model", "x", "--overwrite", "--stride", "600"])
     assert code == 2 and "--stride" in err
 
 
-def test_cli_end_to_end(tmp_path: Path, capsys, fake_corpora) -> None:
+def test_cli_end_to_end(tmp_path: Path, run_cli, fake_corpora) -> None:
     student = save_tiny(tmp_path / "student", "llama", seed=1)
     teacher = save_tiny(tmp_path / "teacher", "llama", seed=2, num_hidden_layers=3)
     out = tmp_path / "ev"
     argv = ["eval", "--model", str(student), "--teacher", str(teacher), "--corpus", "c"]
     argv += ["--out", str(out), "--max-length", "16", "--stride", "8", "--limit", "2"]
-    code, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv)
     assert code == 0, err
     doc = json.loads((out / "eval.json").read_text())
     assert doc["perplexity"]["documents"] == 2 and doc["teacher"]["layer_map"] == [0, 2]

@@ -59,7 +59,19 @@ def _config(teacher: str, student: str, **kw: Any) -> dict[str, Any]:
     return cfg
 
 
-def test_planted_teacher_every_row_is_exact(tmp_path: Path) -> None:
+def test_planted_teacher_every_row_is_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradfree.experiment import run
+
+    loads: list[Texts] = []
+    original = run.load_texts
+
+    def counted(t: Texts) -> list[Any]:
+        loads.append(t)
+        return original(t)
+
+    monkeypatch.setattr(run, "load_texts", counted)
     student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     teacher, _ = embed_student(student, 48, seed=3, permute=True)
     cfg = _config(
@@ -85,6 +97,7 @@ def test_planted_teacher_every_row_is_exact(tmp_path: Path) -> None:
         },
     )
     out = run_experiment(make_experiment(cfg), tmp_path / "exp", say=lambda _m: None)
+    assert loads and len(loads) == len(set(loads))  # every set of texts is read once
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert res["complete"] and set(rows) == {r.name for r in expand_rows(make_experiment(cfg))}

@@ -11,7 +11,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gradfree.cli import main
 from gradfree.merge import load_recipe, merge
 from gradfree.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -322,19 +321,7 @@ def test_shard_writer_output_loads_in_transformers(work: Path, tmp_path: Path) -
     assert all(torch.equal(state[k], v) for k, v in ref.items())
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_merges_a_recipe(
-    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_merges_a_recipe(work: Path, tmp_path: Path, run_cli) -> None:
     recipe = tmp_path / "r.yaml"
     body = {
         "method": "ties",
@@ -350,7 +337,7 @@ def test_cli_merges_a_recipe(
         },
     }
     recipe.write_text(yaml.safe_dump(body))
-    code, out, err = _run(["merge", str(recipe), "--out", str(tmp_path / "o")], capsys)
+    code, out, err = run_cli(["merge", str(recipe), "--out", str(tmp_path / "o")])
     assert code == 0, err
     assert out.strip() == str(tmp_path / "o") and "merged perplexity" in err
     rec = json.loads((tmp_path / "o" / "merge.json").read_text())
@@ -383,7 +370,7 @@ def test_cli_merges_a_recipe(
 def test_cli_recipe_errors_are_one_sentence_and_leave_no_output(
     work: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_cli,
     body: dict[str, Any],
     message: str,
 ) -> None:
@@ -391,7 +378,7 @@ def test_cli_recipe_errors_are_one_sentence_and_leave_no_output(
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(body))
     out = tmp_path / "out"
-    code, _, err = _run(["merge", str(recipe), "--out", str(out)], capsys)
+    code, _, err = run_cli(["merge", str(recipe), "--out", str(out)])
     assert code == 2
     line = err.strip()
     assert line.startswith("error: ") and "\n" not in line and line.endswith(".")
@@ -399,19 +386,15 @@ def test_cli_recipe_errors_are_one_sentence_and_leave_no_output(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
-def test_cli_refuses_an_existing_output(
-    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_refuses_an_existing_output(work: Path, tmp_path: Path, run_cli) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "uniform", "models": [str(work / "a")] * 2}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    code, _, err = _run(["merge", str(recipe), "--out", str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["merge", str(recipe), "--out", str(tmp_path / "out")])
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
-    code, _, err = _run(
-        ["merge", str(recipe), "--out", str(tmp_path / "out"), "--overwrite"], capsys
-    )
+    code, _, err = run_cli(["merge", str(recipe), "--out", str(tmp_path / "out"), "--overwrite"])
     assert code == 0, err
     assert (tmp_path / "out" / "model.safetensors").is_file()
 

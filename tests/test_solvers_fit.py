@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from gradfree.capture.similarity import correlation_from_stats, linear_cka_from_stats
 from gradfree.capture.stats import CrossStats, MomentStats
 from gradfree.solvers import (
-    correlation_from_stats,
     grouped_hungarian,
     hungarian,
     iter_ridge_chunks,
     linear_cka_from_moments,
-    linear_cka_from_stats,
     linear_loss_from_stats,
     monotone_layer_map,
     optimal_alpha,
@@ -156,9 +155,9 @@ def test_correlation_from_stats_equals_numpy() -> None:
     ref[:, :4] = np.corrcoef(a.T, b[:, :4].T)[:4, 4:]
     for full in (True, False):
         sa, sb = MomentStats.empty(4, full).update(ta), MomentStats.empty(5, full).update(tb)
-        np.testing.assert_allclose(correlation_from_stats(cross, sa, sb).numpy(), ref, atol=1e-10)
+        np.testing.assert_allclose(correlation_from_stats(sa, sb, cross).numpy(), ref, atol=1e-10)
     with pytest.raises(ValueError, match="same tokens"):
-        correlation_from_stats(cross, MomentStats.empty(4).update(ta[:10]), sb)
+        correlation_from_stats(MomentStats.empty(4).update(ta[:10]), sb, cross)
 
 
 # Layer maps and CKA ------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ def _cka_stats(x: np.ndarray, y: np.ndarray) -> float:
     tx, ty = _t(x), _t(y)
     cross = CrossStats.empty(x.shape[1], y.shape[1]).update(tx, ty)
     sx, sy = MomentStats.empty(x.shape[1]).update(tx), MomentStats.empty(y.shape[1]).update(ty)
-    return linear_cka_from_stats(cross, sx, sy)
+    return linear_cka_from_stats(sx, sy, cross)
 
 
 def test_linear_cka_equals_numpy_and_is_invariant() -> None:
@@ -216,6 +215,18 @@ def test_linear_cka_equals_numpy_and_is_invariant() -> None:
     assert linear_cka_from_moments(cxx, cxx, cxx) == pytest.approx(1.0)
     # Not invariant to a non-isotropic scaling: the test above can fail.
     assert _cka_stats(x * np.arange(1, 7), y) != pytest.approx(value, rel=1e-3)
+
+
+def test_linear_cka_of_a_constant_side_is_undefined() -> None:
+    x = _t(np.random.default_rng(11).standard_normal((50, 3)))
+    c = torch.full((50, 2), 4.0, dtype=torch.float64)
+    sx, sc = MomentStats.empty(3).update(x), MomentStats.empty(2).update(c)
+    cross = CrossStats.empty(3, 2).update(x, c)
+    with pytest.raises(ValueError, match="zero variance"):
+        linear_cka_from_stats(sx, sc, cross)
+    assert linear_cka_from_stats(sx, sc, cross, undefined=0.0) == 0.0
+    with pytest.raises(ValueError, match="same tokens"):
+        linear_cka_from_stats(MomentStats.empty(3).update(x[:5]), sc, cross, undefined=0.0)
 
 
 # Merge weight ------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from gradfree.adapters import get_adapter
 from gradfree.base.errors import GradfreeError
 from gradfree.base.numerics import sym_eigh
 from gradfree.capture.stats import MomentStats
-from gradfree.cli import main
 from gradfree.spectrum import compute as spectrum
 from gradfree.spectrum.report import SpectrumReport, build_report, render_markdown, write_report
 from gradfree.testing.tiny import tiny_model
@@ -255,29 +254,23 @@ def spectrum_report_for(acts, weights):
     return SpectrumReport("fake", acts, weights, "tiny", trunk_width=4, standardised=True)
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return int(e.value.code or 0), capsys.readouterr().err
-
-
-def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = _cli(["spectrum", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+def test_cli_errors(tmp_path: Path, run_cli) -> None:
+    code, _, err = run_cli(["spectrum", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "o").mkdir()
-    code, err = _cli(["spectrum", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["spectrum", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2 and "already exists" in err
     with pytest.raises(GradfreeError, match="does not exist"):
         build_report(tmp_path / "missing")
 
 
 def test_cli_end_to_end_on_a_fake_capture(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(spectrum, "open_capture", lambda path: _two_layer_capture())
     out = tmp_path / "spec"
     argv = ["spectrum", str(tmp_path), "--out", str(out), "--role", "student"]
-    code, err = _cli([*argv, "--sites", "resid_pre", "--trunk-width", "4"], capsys)
+    code, _, err = run_cli([*argv, "--sites", "resid_pre", "--trunk-width", "4"])
     assert code == 0, err
     doc = json.loads((out / "spectrum.json").read_text())
     assert {a["role"] for a in doc["activations"]} == {"student"}

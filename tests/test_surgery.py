@@ -7,7 +7,6 @@ float32 even for float64 models (so ~1e-7 is the floor there, not a surgery erro
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -33,67 +32,18 @@ from gradfree.surgery import (
     rotate_residual_,
     untie_,
 )
+from gradfree.testing.scramble import (
+    CASES,
+    IDS,
+    logits,
+    make,
+    rel_err,
+    scramble,
+    within_group_perm,
+)
 from gradfree.testing.tiny import tiny_model
 
-CASES = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "qwen3-untied",
-    "qwen3-4b-like",
-    "qwen2.5-0.5b-like",
-    "llama-tied",
-]
 BUDGET = {"float32": 1e-5, "float64-exact": 1e-10, "float64-stock": 1e-6}
-IDS = torch.randint(0, 259, (2, 13), generator=torch.Generator().manual_seed(0))
-
-
-def make(case: str, dtype: torch.dtype = torch.float32, **kw: object) -> torch.nn.Module:
-    if case == "qwen3-untied":
-        return tiny_model("qwen3", dtype=dtype, tie_word_embeddings=False, **kw)
-    if case == "llama-tied":
-        return tiny_model("llama", dtype=dtype, tie_word_embeddings=True, **kw)
-    return tiny_model(case, dtype=dtype, **kw)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, exact: bool = False) -> torch.Tensor:
-    with exact_rmsnorm(model) if exact else contextlib.nullcontext():
-        return model(IDS).logits
-
-
-def within_group_perm(model: torch.nn.Module, seed: int) -> torch.Tensor:
-    g = get_adapter(model).geometry
-    parts = [
-        torch.tensor(list(g.heads_in_group(grp)))[random_permutation(g.group_size, seed + grp)]
-        for grp in range(g.num_kv_heads)
-    ]
-    return torch.cat(parts)
-
-
-def scramble(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every exact transform at once, with random parameters."""
-    a = get_adapter(model)
-    g = a.geometry
-    fuse_norms_(model)
-    rotate_residual_(model, random_orthogonal(a.hidden_size, seed))
-    for i in range(a.num_layers):
-        s = 1000 * (seed + 1) + 100 * i
-        permute_kv_groups_(model, i, random_permutation(g.num_kv_heads, s))
-        permute_heads_(model, i, within_group_perm(model, s + 1))
-        permute_neurons_(model, i, random_permutation(a.intermediate_size, s + 2))
-        for grp in range(g.num_kv_heads):
-            rotate_head_values_(model, i, grp, random_orthogonal(g.head_dim, s + 3 + grp))
-        if not a.has_qk_norm:
-            gen = torch.Generator().manual_seed(s + 50)
-            rotate_qk_pairs_(
-                model, i, 6 * torch.rand(g.num_kv_heads, g.head_dim // 2, generator=gen)
-            )
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 
 from gradfree.adapters import get_adapter
 from gradfree.capture import run_capture
-from gradfree.cli import main
 from gradfree.models import load_model
 from gradfree.surgery import basis as B
 from gradfree.surgery import fuse_norms_, random_orthogonal, rotate_residual_, rotation_hash
@@ -60,16 +59,6 @@ def slice_fast(corpus: Path) -> list[str]:
     return ["--corpus", str(corpus), "--split", "calibration", "--max-length", "64", *fast(corpus)]
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    _, err = capsys.readouterr()
-    return code, err
-
-
 @torch.no_grad()
 def folder_logits(path: Path) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -92,10 +81,10 @@ def test_rotate_output_reloads_with_identical_logits(
     folders: dict[str, Path],
     corpus: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_cli,
 ) -> None:
     out = tmp_path / "rot"
-    code, err = run(
+    code, _, err = run_cli(
         [
             "rotate",
             "--model",
@@ -105,8 +94,7 @@ def test_rotate_output_reloads_with_identical_logits(
             "--random-seed",
             "7",
             *fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     assert rel(folder_logits(out), folder_logits(folders[case])) < 1e-5
@@ -124,10 +112,10 @@ def test_slicing_to_full_width_reproduces_the_model(
     folders: dict[str, Path],
     corpus: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_cli,
 ) -> None:
     out = tmp_path / "s0"
-    code, err = run(
+    code, _, err = run_cli(
         [
             "slice",
             "--model",
@@ -137,8 +125,7 @@ def test_slicing_to_full_width_reproduces_the_model(
             "--fraction",
             "0",
             *slice_fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     assert rel(folder_logits(out), folder_logits(folders[case])) < 1e-5
@@ -152,10 +139,10 @@ def test_sliced_output_equals_the_same_surgery_in_memory(
     folders: dict[str, Path],
     corpus: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    run_cli,
 ) -> None:
     out = tmp_path / "s25"
-    code, err = run(
+    code, _, err = run_cli(
         [
             "slice",
             "--model",
@@ -165,8 +152,7 @@ def test_sliced_output_equals_the_same_surgery_in_memory(
             "--fraction",
             "0.25",
             *slice_fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     back = AutoModelForCausalLM.from_pretrained(out)
@@ -189,9 +175,7 @@ def test_sliced_output_equals_the_same_surgery_in_memory(
     assert res["sliced_perplexity"]["tokens"] == res["dense_perplexity"]["tokens"] > 0
 
 
-def test_pca_finds_the_subspace_a_model_lives_in(
-    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pca_finds_the_subspace_a_model_lives_in(corpus: Path, tmp_path: Path, run_cli) -> None:
     """Planted: a model whose residual stream spans a random 32-dim subspace of 64 is sliced to
     32 exactly, but only by the right basis (a random one loses a lot)."""
     model = tiny_model("llama")
@@ -207,9 +191,8 @@ def test_pca_finds_the_subspace_a_model_lives_in(
     model.save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     out = tmp_path / "sliced"
-    code, err = run(
-        ["slice", "--model", str(src), "--out", str(out), "--fraction", "0.5", *slice_fast(corpus)],
-        capsys,
+    code, _, err = run_cli(
+        ["slice", "--model", str(src), "--out", str(out), "--fraction", "0.5", *slice_fast(corpus)]
     )
     assert code == 0, err
     assert get_adapter(AutoModelForCausalLM.from_pretrained(out)).hidden_size == 32
@@ -244,11 +227,11 @@ def test_capture_of_the_original_model_gives_the_fused_moments(
 
 
 def test_rotate_with_pca_capture_and_given_matrix(
-    folders: dict[str, Path], corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    folders: dict[str, Path], corpus: Path, tmp_path: Path, run_cli
 ) -> None:
     src = folders["qwen3"]
     cap = tmp_path / "cap"
-    code, err = run(
+    code, _, err = run_cli(
         [
             "capture",
             "--model",
@@ -262,11 +245,10 @@ def test_rotate_with_pca_capture_and_given_matrix(
             "--no-progress",
             "--out",
             str(cap),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
-    code, err = run(
+    code, _, err = run_cli(
         [
             "rotate",
             "--model",
@@ -277,8 +259,7 @@ def test_rotate_with_pca_capture_and_given_matrix(
             str(cap),
             "--per-layer",
             *fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     assert rel(folder_logits(tmp_path / "pca"), folder_logits(src)) < 1e-5
@@ -287,7 +268,7 @@ def test_rotate_with_pca_capture_and_given_matrix(
     assert res["per_layer"]["with_transitions"]["max_rel"] < 1e-5
     q = random_orthogonal(64, 5).float().contiguous()
     save_file({"rotation": q}, str(tmp_path / "q.safetensors"))
-    code, err = run(
+    code, _, err = run_cli(
         [
             "rotate",
             "--model",
@@ -297,8 +278,7 @@ def test_rotate_with_pca_capture_and_given_matrix(
             "--matrix",
             str(tmp_path / "q.safetensors"),
             *fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     assert rel(folder_logits(tmp_path / "mat"), folder_logits(src)) < 1e-5
@@ -307,10 +287,10 @@ def test_rotate_with_pca_capture_and_given_matrix(
 
 
 def test_recompute_slices_in_stages(
-    folders: dict[str, Path], corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    folders: dict[str, Path], corpus: Path, tmp_path: Path, run_cli
 ) -> None:
     out = tmp_path / "rc"
-    code, err = run(
+    code, _, err = run_cli(
         [
             "slice",
             "--model",
@@ -323,8 +303,7 @@ def test_recompute_slices_in_stages(
             "--steps",
             "2",
             *slice_fast(corpus),
-        ],
-        capsys,
+        ]
     )
     assert code == 0, err
     res = json.loads((out / "gradfree_surgery.json").read_text())["result"]["slice"]
@@ -378,7 +357,11 @@ def tmp_capture(root: Path, folders: dict[str, Path]) -> Path:
 
 
 def test_every_bad_input_is_one_sentence_and_leaves_no_output(
-    folders: dict[str, Path], corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    folders: dict[str, Path],
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    run_cli,
 ) -> None:
     cases = _bad_inputs(tmp_path, folders, corpus)
     capsys.readouterr()  # drop the set-up's progress output
@@ -386,7 +369,7 @@ def test_every_bad_input_is_one_sentence_and_leaves_no_output(
         out = tmp_path / "exists" if "--out-exists" in argv else tmp_path / "out"
         argv = [a for a in argv if a != "--out-exists"]
         before = sorted(p.name for p in tmp_path.iterdir())
-        code, err = run([*argv, "--out", str(out), *fast(corpus)], capsys)
+        code, _, err = run_cli([*argv, "--out", str(out), *fast(corpus)])
         assert code == 2, (argv, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

@@ -7,19 +7,18 @@ import torch
 
 from gradfree.adapters import ModelAdapter
 from gradfree.base.errors import GradfreeError
+from gradfree.solvers import pair_rotation, transition_costs
 from gradfree.surgery import (
     as_permutation,
     check_orthogonal,
     invert_permutation,
     is_orthogonal,
     orthogonality_error,
-    pair_rotation,
     random_orthogonal,
     random_permutation,
     rotation_entry,
     rotation_hash,
     rotation_ledger,
-    transition_costs,
 )
 
 

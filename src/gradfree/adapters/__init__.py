@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gradfree.adapters.base import ArchSpec, HeadGeometry, LayerAdapter, ModelAdapter, RopeInfo
+from gradfree.adapters.base import (
+    ArchSpec,
+    HeadGeometry,
+    LayerAdapter,
+    ModelAdapter,
+    RopeInfo,
+    config_for_width,
+    config_head_dim,
+    set_saved_dtype_,
+    untie_config_,
+)
 from gradfree.base.errors import GradfreeError
 
 if TYPE_CHECKING:
@@ -52,7 +62,11 @@ __all__ = [
     "LayerAdapter",
     "ModelAdapter",
     "RopeInfo",
+    "config_for_width",
+    "config_head_dim",
     "get_adapter",
+    "set_saved_dtype_",
     "spec_for",
     "supported",
+    "untie_config_",
 ]

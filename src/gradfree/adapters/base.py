@@ -8,10 +8,17 @@ llm-compressor does), so supporting a new decoder family is usually one registry
 All supported families are pre-norm decoders with RMSNorm, rotary attention with grouped KV
 heads and a gated MLP: ``x + o(attn(q(n1 x), k(n1 x), v(n1 x)))`` then
 ``x + down(act(gate(n2 x)) * up(n2 x))``, a final RMSNorm and an LM head.
+
+The adapter is also the only writer of Hugging Face config keys: surgery and compression change
+a model's shape (untie the head, cut the residual width, change the RMSNorm epsilon), and the
+config edits that make a saved checkpoint describe the edited model are here
+(:func:`config_for_width`, :func:`untie_config_`, :meth:`ModelAdapter.set_width_`,
+:meth:`ModelAdapter.mark_untied_`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +103,42 @@ class RopeInfo:
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
+
+
+def config_head_dim(config: Any) -> int:
+    """The head dimension a config gives: ``head_dim`` when set, else hidden_size / heads."""
+    n_heads = int(config.num_attention_heads)
+    return int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+
+
+def _write_width(config: Any, hidden_size: int, head_dim: int, norm_eps: float | None) -> None:
+    config.hidden_size = hidden_size
+    # Written explicitly: Llama and Qwen2 would otherwise derive it from the new hidden size.
+    config.head_dim = head_dim
+    if norm_eps is not None:
+        config.rms_norm_eps = norm_eps
+
+
+def config_for_width(config: Any, hidden_size: int, norm_eps: float | None = None) -> Any:
+    """A copy of ``config`` for a residual stream of width ``hidden_size`` with the same heads
+    (head_dim kept, written explicitly) and, when given, the RMSNorm epsilon ``norm_eps``."""
+    out = copy.deepcopy(config)
+    _write_width(out, hidden_size, config_head_dim(config), norm_eps)
+    return out
+
+
+def untie_config_(config: Any) -> Any:
+    """Record in ``config`` that the LM head has its own weight (transformers 5 ties the head to
+    the embeddings at load time when ``tie_word_embeddings`` is set); returns ``config``."""
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return config
+
+
+def set_saved_dtype_(config: Any, dtype: torch.dtype) -> None:
+    """Record the dtype of a checkpoint's weights in its config (a model's ``save_pretrained``
+    does it itself; a checkpoint written tensor by tensor must say it)."""
+    config.dtype = dtype
 
 
 class LayerAdapter:
@@ -278,12 +321,31 @@ class ModelAdapter:
         )
 
     @property
+    def tied_in_config(self) -> bool:
+        """What the config says (``tie_word_embeddings``); :attr:`tied` is what the weights do."""
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    @property
     def geometry(self) -> HeadGeometry:
         c = self.config
         n_heads = int(c.num_attention_heads)
         n_kv = int(getattr(c, "num_key_value_heads", None) or n_heads)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
-        return HeadGeometry(n_heads, n_kv, int(head_dim))
+        return HeadGeometry(n_heads, n_kv, config_head_dim(c))
+
+    # config edits (the only writes of Hugging Face config keys)
+    def set_width_(self, hidden_size: int, norm_eps: float) -> None:
+        """Record a new residual width in the model's config once its weights were cut to it:
+        ``hidden_size``, head_dim (unchanged, written explicitly) and the RMSNorm epsilon."""
+        _write_width(self.config, hidden_size, self.geometry.head_dim, norm_eps)
+
+    def mark_untied_(self) -> None:
+        """Make the config and the model's record of tied keys agree with a separate LM head:
+        transformers 5 ties at load time from the config, and re-ties on ``tie_weights()`` from
+        ``all_tied_weights_keys``."""
+        untie_config_(self.config)
+        expand = getattr(self.model, "get_expanded_tied_weights_keys", None)
+        if expand is not None and hasattr(self.model, "all_tied_weights_keys"):
+            self.model.all_tied_weights_keys = expand(all_submodels=False)
 
     @property
     def rope(self) -> RopeInfo:

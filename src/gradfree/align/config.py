@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gradfree.base.configfile import read_yaml_mapping, validation_message
-from gradfree.base.errors import GradfreeError
+from gradfree.base.configfile import given, make_strict, read_yaml_mapping
 
 
 class AlignConfig(BaseModel):
@@ -106,10 +105,6 @@ class AblateConfig(BaseModel):
 
 def load_config(kind: type[AlignConfig] | type[AblateConfig], path: Path | None, **kw: Any) -> Any:
     """A validated config from an optional YAML file and keyword overrides (None = unset)."""
-    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
-    data.update({k: v for k, v in kw.items() if v is not None})
+    data = read_yaml_mapping(path) if path is not None else None
     noun = "align" if kind is AlignConfig else "ablate"
-    try:
-        return kind(**data)
-    except ValidationError as e:
-        raise GradfreeError(validation_message(e, noun, invalid=f"{noun} config")) from None
+    return make_strict(kind, data, given(kw), noun=noun, invalid=f"{noun} config")

@@ -12,7 +12,12 @@ runs the student alone (:func:`evaluate_variant`):
   (both from sums, first token of each document left out);
 * prompt KL on the teacher's continuations;
 * held-out question accuracy, abstentions and hallucination rate (wrong and not abstaining), per
-  language.
+  language (:func:`gradfree.evaluation.questions.score_qa`).
+
+The held-out windows and the teacher's logits on them are a
+:class:`~gradfree.evaluation.reference.TeacherReference` kept in memory as float32 logits: the
+KL here is taken from the two models' logits (:func:`gradfree.evaluation.metrics.kl_per_token`),
+as it always was, not from stored log-probs.
 """
 
 from __future__ import annotations
@@ -24,37 +29,16 @@ from typing import Any
 import torch
 
 from gradfree.evaluation import metrics
-
-ABSTAIN = (
-    "not sure",
-    "don't know",
-    "do not know",
-    "i'm unable",
-    "i am unable",
-    "cannot answer",
-    "no estoy seguro",
-    "no sé",
-    "je ne sais",
-    "pas sûr",
-    "weiß nicht",
-    "nicht sicher",
-    "non so",
-    "não sei",
-    "不知道",
-    "不确定",
-    "わかりません",
-)
-
-
-def abstained(answer: str) -> bool:
-    low = answer.casefold()
-    return any(p in low for p in ABSTAIN)
+from gradfree.evaluation.questions import answer_questions, score_qa
+from gradfree.evaluation.reference import TeacherReference
 
 
 @dataclass
-class Reference:
-    docs: list[dict[str, Any]]  # {"id", "lang", "ids"}
-    logits: list[torch.Tensor]  # per doc (T-1, V) float32
+class AlignReference:
+    """The teacher's outputs that every variant is compared with."""
+
+    teacher: TeacherReference  # first window of each document: its ids and float32 logits
+    docs: list[dict[str, Any]]  # {"id", "lang", "ids"} of each window's document
     coords: list[list[torch.Tensor]]  # per doc, per compared site (blocks then final): (T-1, k)
     prompts: list[tuple[list[int], int]] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
@@ -80,23 +64,41 @@ def build_reference(
     questions: Sequence[Any] | None = None,
     system_prompt: str = "",
     max_new_tokens: int = 16,
-) -> Reference:
-    from gradfree.evaluation.run import answer_questions
+) -> AlignReference:
+    """Run the teacher once: logits and principal coordinates on the first ``max_length`` tokens
+    of each document, logits on the prompts' continuations, answers to the questions."""
+    from gradfree.evaluation.reference import teacher_reference
 
     pairs = [*plan.layer_map, None]
-    ref = Reference([], [], [])
-    for d in docs:
-        ids = list(tokenizer(d.text)["input_ids"])[:max_length]
-        logits, hs = _forward(teacher, ids)
-        ref.docs.append({"id": d.id, "lang": d.lang, "ids": ids})
-        ref.logits.append(logits[:-1].contiguous())
-        coords = []
+    coords: list[list[torch.Tensor]] = []
+
+    def project(_k: int, out: Any) -> None:
+        hs = tuple(h[0] for h in out.hidden_states)
+        per_site = []
         for idx, i in enumerate(pairs):
             h = hs[-1] if i is None else hs[i]
             mu = plan.mean_t[idx].to(h.device, torch.float64)
             p_t = plan.p_t[idx].to(h.device)
-            coords.append(((h[1:].double() - mu) @ p_t).float().cpu())
-        ref.coords.append(coords)
+            per_site.append(((h[1:].double() - mu) @ p_t).float().cpu())
+        coords.append(per_site)
+
+    # The first max_length tokens of each document, its logits kept in float32 in memory.
+    tref = teacher_reference(
+        teacher,
+        tokenizer,
+        docs,
+        None,
+        max_length,
+        first_only=True,
+        min_tokens=1,
+        logits=True,
+        each=project,
+    )
+    meta = [
+        {"id": docs[i].id, "lang": docs[i].lang, "ids": w.tolist()}
+        for w, i in zip(tref.ids, tref.docs, strict=True)
+    ]
+    ref = AlignReference(tref, meta, coords)
     for ids, start in prompts or []:
         logits, _ = _forward(teacher, ids)
         ref.prompts.append((ids, start))
@@ -108,43 +110,24 @@ def build_reference(
     return ref
 
 
-def score_qa(qa: dict[str, Any]) -> dict[str, Any]:
-    """Add abstention and hallucination counts (overall and per language) to a QA result."""
-    by: dict[str, dict[str, int]] = {}
-    for it in qa["items"]:
-        it["abstained"] = abstained(it["answer"]) and not it["matched"]
-        it["hallucinated"] = not it["matched"] and not it["abstained"]
-        e = by.setdefault(str(it["lang"]), {"n": 0, "matched": 0, "hallucinated": 0})
-        e["n"] += 1
-        e["matched"] += int(it["matched"])
-        e["hallucinated"] += int(it["hallucinated"])
-    n = max(1, qa["n"])
-    qa["hallucinated"] = sum(int(it["hallucinated"]) for it in qa["items"])
-    qa["abstained"] = sum(int(it["abstained"]) for it in qa["items"])
-    qa["hallucination_rate"] = qa["hallucinated"] / n
-    qa["by_lang"] = by
-    return qa
-
-
 def evaluate_variant(
     model: Any,
     tokenizer: Any,
-    ref: Reference,
+    ref: AlignReference,
     k: int,
     *,
     questions: Sequence[Any] | None = None,
     system_prompt: str = "",
     max_new_tokens: int = 16,
 ) -> dict[str, Any]:
-    from gradfree.evaluation.run import answer_questions
-
     n_sites = len(ref.coords[0]) if ref.coords else 0
     sums: list[dict[str, Any]] = [
         {"n": 0, "st": 0.0, "ss": 0.0, "tt": 0.0, "s": None, "t": None} for _ in range(n_sites)
     ]
     kl_total, agree, tokens = 0.0, 0, 0
     per_lang: dict[str, dict[str, float]] = {}
-    for doc, tlog, coords in zip(ref.docs, ref.logits, ref.coords, strict=True):
+    for j, (doc, coords) in enumerate(zip(ref.docs, ref.coords, strict=True)):
+        tlog = ref.teacher.teacher_logits(j)[:-1]
         logits, hs = _forward(model, doc["ids"])
         slog = logits[:-1]
         kl = metrics.kl_per_token(tlog, slog).double()

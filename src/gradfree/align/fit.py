@@ -80,7 +80,7 @@ def generate_style_texts(
 ) -> list[tuple[list[int], int]]:
     """(token ids, continuation start) per place: the chat prompt "Tell me about <place>." with
     the system prompt, continued greedily by the teacher for ``n_tokens`` tokens."""
-    from gradfree.evaluation.run import build_prompt
+    from gradfree.evaluation.questions import build_prompt
 
     out = []
     dev = next(teacher.parameters()).device
@@ -284,11 +284,12 @@ def _head_permutations(
 ) -> None:
     """Head permutations per KV group from the attention patterns of a few documents."""
     ta, sa = get_adapter(teacher.model), get_adapter(student.model)
-    ids = []
-    for d in docs[: cfg.pattern_docs]:
-        text = d.text if hasattr(d, "text") else str(d)
-        t_ids = student.tokenizer(text)["input_ids"][: cfg.pattern_max_length]
-        ids.append(torch.tensor(t_ids, dtype=torch.long))
+    from gradfree.texts.windows import iter_windows
+
+    windows = iter_windows(
+        student.tokenizer, docs[: cfg.pattern_docs], cfg.pattern_max_length, first_only=True
+    )
+    ids = [torch.tensor(w, dtype=torch.long) for _, w in windows]
     sims = head_similarity(teacher.model, student.model, ids, plan.layer_map)
     for j, sim in enumerate(sims):
         gperm, hperm, scores = head_permutation(

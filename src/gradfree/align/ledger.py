@@ -18,17 +18,7 @@ import torch
 
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import read_json, sha256_text, write_json_atomic
-from gradfree.surgery import rotation_hash
-
-
-def orthogonality(r: torch.Tensor) -> dict[str, float]:
-    """max |RᵀR − I| and max |RRᵀ − I| in float64."""
-    r64 = r.detach().to(torch.float64)
-    eye = torch.eye(r64.shape[0], dtype=torch.float64)
-    return {
-        "max_abs_rtr_minus_i": float((r64.T @ r64 - eye).abs().max()),
-        "max_abs_rrt_minus_i": float((r64 @ r64.T - eye).abs().max()),
-    }
+from gradfree.surgery.ledger import orthogonality, rotation_hash
 
 
 def write_ledger(root: Path, run_id: str, plan: Any, applied: list[torch.Tensor] | None) -> Path:

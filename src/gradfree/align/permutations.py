@@ -9,7 +9,7 @@
   a query head never leaves its KV group), so ``surgery.permute_kv_groups_`` and
   ``permute_heads_`` apply the result exactly.
 * Neurons: Pearson correlation of the gated activations ``act(gate) * up`` on paired token dumps
-  (:func:`gradfree.solvers.correlation_from_stats`), Hungarian on the correlation.
+  (:func:`gradfree.capture.similarity.correlation_from_stats`), Hungarian on the correlation.
 
 Widths differ (14 vs 12 query heads, 4864 vs 8960 neurons): the smaller side is matched into the
 larger, and the student's units are put in the order of their matched teacher units (unmatched
@@ -25,7 +25,8 @@ import torch
 
 from gradfree.adapters import get_adapter
 from gradfree.capture import CrossStats, MomentStats, site_hooks
-from gradfree.solvers import correlation_from_stats, hungarian
+from gradfree.capture.similarity import correlation_from_stats
+from gradfree.solvers import hungarian
 
 
 def order_by_match(sim: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -164,6 +165,6 @@ def neuron_permutation(
     st = MomentStats.empty(teacher_x.shape[1], full=False).update(teacher_x)
     ss = MomentStats.empty(student_x.shape[1], full=False).update(student_x)
     cross = CrossStats.empty(teacher_x.shape[1], student_x.shape[1]).update(teacher_x, student_x)
-    corr = correlation_from_stats(cross, st, ss)
+    corr = correlation_from_stats(st, ss, cross)
     perm, after, before = order_by_match(corr)
     return perm, {"correlation_before": before, "correlation_after": after, "tokens": n}

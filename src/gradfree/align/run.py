@@ -68,6 +68,8 @@ def run_align(
     ``config.json``, ``align.json`` and ``report.md`` into ``out``."""
     from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
+    from gradfree.models.fetch import save_checkpoint
+    from gradfree.texts.windows import token_windows
 
     say = say or (lambda m: None)
     docs = _calibration(cfg)
@@ -82,10 +84,9 @@ def run_align(
         with watch.stage("fold and save"):
             model = copy.deepcopy(student.model)
             ops = apply_plan_(model, plan, **toggles)
-            probe = list(student.tokenizer(docs[0].text)["input_ids"])[:64]
+            probe = token_windows(student.tokenizer, docs[:1], 64, 1)[0]
             change = _logit_change(student.model, model, probe)
-            model.save_pretrained(tmp / "model")
-            student.tokenizer.save_pretrained(tmp / "model")
+            save_checkpoint(model, student.tokenizer, tmp / "model")
         ledger = write_ledger(tmp, run_id, plan, applied_bases(plan, toggles))
         preserving = function_preserving(toggles)
         record = {

@@ -47,6 +47,18 @@ def as_created(path: str | Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def share_folder(folder: str | Path) -> None:
+    """Give a folder and the files in it the modes a plain mkdir()/open() would have: a folder
+    built with :func:`atomic_dir` and written with the atomic writers is meant for every user of
+    a shared cache, not only for its creator."""
+    folder = Path(folder)
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for p in folder.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~mask)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
     path = Path(path)

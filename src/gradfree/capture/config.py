@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from gradfree.base.errors import GradfreeError
+from gradfree.base.configfile import make_strict
 from gradfree.base.io import sha256_text
 from gradfree.capture.sites import (
     DEFAULT_CROSS_SITES,
@@ -121,29 +121,9 @@ class CaptureConfig(BaseModel):
         return sha256_text(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
-def _message(e: ValidationError) -> str:
-    err = e.errors()[0]
-    if err["type"] == "extra_forbidden":
-        return f"Unknown capture option '{err['loc'][0]}'."
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    where = ".".join(str(p) for p in err["loc"])
-    if err["type"] != "value_error" and where:
-        msg = f"{where}: {msg}"
-    return f"Invalid capture config: {msg[:1].lower()}{msg[1:]}."
-
-
 def make_config(value: CaptureConfig | dict[str, Any] | None = None, **kw: Any) -> CaptureConfig:
     """A validated :class:`CaptureConfig` from a config, a dict and/or keywords (keywords win)."""
-    data: dict[str, Any] = {}
-    if isinstance(value, CaptureConfig):
-        data = value.model_dump()
-    elif value is not None:
-        data = dict(value)
-    data.update(kw)
-    try:
-        return CaptureConfig(**data)
-    except ValidationError as e:
-        raise GradfreeError(_message(e)) from None
+    return make_strict(CaptureConfig, value, kw, noun="capture", invalid="capture config")
 
 
 __all__ = ["CaptureConfig", "check_sites", "make_config"]

@@ -9,7 +9,6 @@ may be combined.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from gradfree.base.io import sha256_text
 from gradfree.capture.config import CaptureConfig
 from gradfree.capture.sites import SITES, is_full, keys_for, site_key, split_key
 from gradfree.solvers.layermap import resolve_map
+from gradfree.texts.windows import document_texts, encode
 
 
 @dataclass
@@ -147,49 +147,6 @@ class Plan:
         return sha256_text(self.settings_hash() + docs)
 
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of one document, as every capture tokenizes it."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)
-    return list(enc["input_ids"])
-
-
-def iter_windows(
-    tokenizer: Any, documents: Sequence[Any], max_length: int, add_special_tokens: bool = True
-) -> Iterator[tuple[int, list[int]]]:
-    """(document index, token ids) of every window in corpus order: each document tokenized as
-    a capture does and cut into consecutive windows of at most ``max_length`` tokens."""
-    for i, text in enumerate(_documents(documents)[1]):
-        ids = encode(tokenizer, text, add_special_tokens)
-        for start in range(0, len(ids), max_length):
-            yield i, ids[start : start + max_length]
-
-
-def token_windows(
-    tokenizer: Any,
-    documents: Sequence[Any],
-    max_length: int,
-    limit: int,
-    add_special_tokens: bool = True,
-) -> list[list[int]]:
-    """The first ``limit`` capture windows in corpus order (:func:`iter_windows`)."""
-    windows = iter_windows(tokenizer, documents, max_length, add_special_tokens)
-    return [w for _, w in itertools.islice(windows, limit)]
-
-
-def _documents(documents: Sequence[Any]) -> tuple[list[str], list[str]]:
-    ids, texts = [], []
-    for d in documents:
-        text = d if isinstance(d, str) else str(d.text)
-        ids.append(sha256_text(text)[:16] if isinstance(d, str) else str(d.id))
-        texts.append(text)
-    seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise GradfreeError(f"Document '{i}' appears twice; document ids must be unique.")
-        seen.add(i)
-    return ids, texts
-
-
 def _role_plan(
     role: str, subject: Subject, layers: list[int], cfg: CaptureConfig, extra: Sequence[str] = ()
 ) -> RolePlan:
@@ -235,7 +192,7 @@ def make_plan(subjects: Mapping[str, Any], documents: Sequence[Any], cfg: Captur
     subs = {r: as_subject(s) for r, s in subjects.items()}
     if set(subs) not in ({"model"}, {"teacher", "student"}):
         raise GradfreeError("Capture one model, or a teacher and a student.")
-    ids, texts = _documents(documents)
+    ids, texts = document_texts(documents)
     if not texts:
         raise GradfreeError("There are no documents to capture.")
     tok = next(iter(subs.values())).tokenizer

@@ -14,7 +14,6 @@ same models, documents and config resumes from there; the finished folder is ren
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -31,6 +30,8 @@ import torch
 
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import check_new_output, read_json, sha256_file, write_json_atomic
+from gradfree.base.progress import ProgressFn, counter, reporting
+from gradfree.base.provenance import versions
 from gradfree.capture.config import CaptureConfig, make_config
 from gradfree.capture.dumps import DumpWriter, doc_key, select
 from gradfree.capture.hooks import SiteHooks, site_hooks
@@ -255,7 +256,7 @@ def run_capture(
     corpus: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = True,
-    progress: bool = True,
+    progress: bool | ProgressFn = True,
     stats_device: str | torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Capture:
@@ -265,6 +266,7 @@ def run_capture(
     optionally .name/.source/.fingerprint) or a mapping ``{"teacher": ..., "student": ...}``.
     ``documents`` are strings or objects with ``.id`` and ``.text``; ``corpus`` is the corpus
     manifest recorded as given. ``on_batch(i)`` is called after batch i (and its checkpoint).
+    ``progress``: True reports batches on stderr (:mod:`gradfree.base.progress`), or a reporter.
     """
     cfg = make_config(config)
     if not isinstance(subjects, Mapping):
@@ -284,7 +286,8 @@ def run_capture(
             role: stack.enter_context(site_hooks(rp.adapter, rp.keys, work.sink(role)))
             for role, rp in plan.roles.items()
         }
-        bar = stack.enter_context(_progress(progress, plan.n_batches, start))
+        report = stack.enter_context(reporting(progress))
+        bar = counter(report, f"capture {'+'.join(plan.roles)}", plan.n_batches, "batches", start)
         for b, windows in enumerate(_batches(plan)):
             if b < start:
                 continue
@@ -297,35 +300,6 @@ def run_capture(
     seconds = (time.perf_counter() - t0, time.process_time() - cpu0)
     _finish(work, partial, out, run_hash, corpus, seconds)
     return load_capture(out, verify=False)  # just written and hashed
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over batches (a no-op when disabled)."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    columns = ("capture", BarColumn(), MofNCompleteColumn(), "batches", TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("capture", total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    import transformers
-
-    import gradfree
-
-    return {
-        "gradfree": gradfree.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _finish(

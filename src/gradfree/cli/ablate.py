@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE
+
 
 def ablate_command(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (known name or folder)."),
@@ -16,9 +18,9 @@ def ablate_command(
     variants: str | None = typer.Option(None, "--variants", help="Comma-separated variant names."),
     heldout_limit: int | None = typer.Option(None, "--heldout-limit", help="Held-out documents."),
     questions: int | None = typer.Option(None, "--questions", help="Place questions (0: none)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Evaluate every alignment toggle against the teacher: one results table."""
     from gradfree.align.config import AblateConfig, load_config

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE, corpus_option
+
 
 def align_command(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (known name or folder)."),
     student: str = typer.Option(..., "--student", help="Student model (known name or folder)."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist)."),
     config: Path | None = typer.Option(None, "--config", help="YAML recipe of AlignConfig."),
-    corpus: str | None = typer.Option(
-        None, "--corpus", help="Calibration corpus (default tourguide)."
-    ),
+    corpus: str | None = corpus_option(None, "Calibration texts (default tourguide)"),
     limit: int | None = typer.Option(None, "--limit", help="Calibration documents (default 32)."),
     max_length: int | None = typer.Option(None, "--max-length", help="Window length in tokens."),
     permute: bool | None = typer.Option(
@@ -32,9 +32,9 @@ def align_command(
     ridge_head: bool | None = typer.Option(
         None, "--ridge-head/--no-ridge-head", help="LM-head ridge fit."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Rotate and permute the student to the teacher's coordinates; optionally refine, refit."""
     from gradfree.align.config import AlignConfig, load_config

@@ -2,18 +2,20 @@
 `gradfree capture combine`: add captures over disjoint documents.
 
 Thin: parse, build a :class:`~gradfree.capture.CaptureConfig`, call
-:func:`~gradfree.capture.run_capture` / :func:`~gradfree.capture.combine_captures`, print a summary.
+:func:`~gradfree.capture.corpus.capture_corpus` (which loads the models and the corpus and records
+them) / :func:`~gradfree.capture.combine_captures`, print a summary.
 The library (and torch) is imported only when a command runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from gradfree.base.errors import GradfreeError
+from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, PROGRESS, SPLIT, corpus_option
 
 if TYPE_CHECKING:
     from gradfree.capture import Capture
@@ -53,9 +55,9 @@ def capture(
     model: str | None = typer.Option(None, "--model", help="One model to capture."),
     teacher: str | None = typer.Option(None, "--teacher", help="Teacher of a paired capture."),
     student: str | None = typer.Option(None, "--student", help="Student of a paired capture."),
-    corpus: str | None = typer.Option(None, "--corpus", help="Corpus name or .jsonl/.txt path."),
-    split: str | None = typer.Option(None, "--split", help="Corpus split, e.g. calibration."),
-    limit: int | None = typer.Option(None, "--limit", help="Use at most N documents."),
+    corpus: str | None = corpus_option(None, "Texts to capture"),
+    split: str | None = SPLIT,
+    limit: int | None = LIMIT,
     out: Path | None = typer.Option(None, "--out", help="Output capture folder."),
     sites: str | None = typer.Option(
         None, "--sites", help="Comma-separated sites (default resid_pre,final.normed)."
@@ -77,20 +79,18 @@ def capture(
     dump_max: int = typer.Option(20000, "--dump-max", help="Most dumped tokens per site."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Batches per checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dump subsample."),
-    device: str = typer.Option("cpu", "--device", help="Device of the models and statistics."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Capture activation statistics (moments, cross moments, token dumps) over a corpus."""
     if ctx.invoked_subcommand is not None:
         return
     import time
 
-    from gradfree.base.io import check_new_output
-    from gradfree.capture import make_config, run_capture
-    from gradfree.models import load_model
-    from gradfree.texts.corpora import corpus_manifest, load_corpus
+    from gradfree.capture import make_config
+    from gradfree.capture.corpus import capture_corpus
 
     paired = teacher is not None or student is not None
     if (model is not None) == paired or (paired and (teacher is None or student is None)):
@@ -114,21 +114,20 @@ def capture(
         "checkpoint_every": checkpoint_every,
     }
     config = make_config({k: v for k, v in options.items() if v is not None})
-    check_new_output(out, overwrite)  # fail before loading anything
-    docs = load_corpus(corpus, split=split, limit=limit)
-    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    subjects: Any
-    if model is not None:
-        subjects = load_model(model, device=device, dtype=dtype)
-    else:
-        subjects = {
-            "teacher": load_model(str(teacher), device=device, dtype=dtype),
-            "student": load_model(str(student), device=device, dtype=dtype),
-        }
+    models = model if model is not None else {"teacher": str(teacher), "student": str(student)}
     t0 = time.perf_counter()
     try:
-        cap = run_capture(
-            subjects, docs, out, config, corpus=manifest, overwrite=overwrite, progress=progress
+        cap = capture_corpus(
+            models,
+            corpus,
+            out,
+            config,
+            split=split,
+            limit=limit,
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=progress,
         )
     except KeyboardInterrupt:
         typer.echo(
@@ -143,7 +142,7 @@ def capture(
 def combine(
     captures: list[Path] = typer.Argument(..., help="Capture folders over disjoint documents."),
     out: Path = typer.Option(..., "--out", help="Output capture folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Combine captures of the same models and settings over disjoint documents."""
     import time

@@ -1,8 +1,8 @@
 """`gradfree compress`: project a teacher into the student's shape and merge it with the student.
 
-Thin: load the recipe (YAML, with command-line overrides), the models and the corpus, call
-:func:`gradfree.compress.compress`, print the merge profile. torch is imported only when the
-command runs.
+Thin: load the recipe (YAML, with command-line overrides), call
+:func:`gradfree.compress.pipeline.run_compress` (which loads the models and the corpus and records
+them), print the merge profile. torch is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -12,53 +12,48 @@ from pathlib import Path
 import typer
 
 from gradfree.base.errors import GradfreeError
-from gradfree.models import load_pair
+from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, PROGRESS, SPLIT, corpus_option
 
 
 def compress(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (name, folder or file)."),
     student: str = typer.Option(..., "--student", help="Student model; the output has its shape."),
-    corpus: str = typer.Option(..., "--corpus", help="Calibration corpus name or path."),
+    corpus: str = corpus_option(..., "Calibration texts"),
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoint + report)."),
     recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe of options."),
-    split: str | None = typer.Option(None, "--split", help="Corpus split, e.g. calibration."),
-    limit: int | None = typer.Option(None, "--limit", help="Use at most N documents."),
+    split: str | None = SPLIT,
+    limit: int | None = LIMIT,
     basis: str | None = typer.Option(None, "--basis", help="svd, two_tier, joint (recipe wins)."),
     merge: str | None = typer.Option(
         None, "--merge", help="none, uniform, alignment, optimal, ridge (overrides the recipe)."
     ),
     alpha: float | None = typer.Option(None, "--alpha", help="α for uniform/alignment merges."),
     max_length: int | None = typer.Option(None, "--max-length", help="Capture window length."),
-    device: str = typer.Option("cpu", "--device", help="Device of the models."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     keep_capture: bool = typer.Option(False, "--keep-capture", help="Keep out/capture."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    overwrite: bool = OVERWRITE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Compress a teacher into a student-shaped checkpoint (gradient-free) and write a report."""
-    from gradfree.base.io import check_new_output
-    from gradfree.compress import compress as run
     from gradfree.compress import load_recipe, make_recipe
-    from gradfree.texts.corpora import corpus_manifest, load_corpus
+    from gradfree.compress.pipeline import run_compress
 
     overrides = {"basis": basis, "merge": merge, "alpha": alpha, "max_length": max_length}
     rec = load_recipe(recipe, **overrides) if recipe else make_recipe(None, **overrides)
-    check_new_output(out, overwrite)  # fail before loading anything
-    docs = load_corpus(corpus, split=split, limit=limit)
-    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    t, s, inputs = load_pair(teacher, student, device, dtype)
-    inputs["corpus"] = manifest
-    sol, path = run(
-        t,
-        s,
-        docs,
+    sol, path = run_compress(
+        teacher,
+        student,
+        corpus,
         out,
         rec,
+        split=split,
+        limit=limit,
+        device=device,
+        dtype=dtype,
         overwrite=overwrite,
         progress=progress,
-        corpus=manifest,
         keep_capture=keep_capture,
-        inputs=inputs,
     )
     from rich.console import Console
     from rich.table import Table
@@ -88,44 +83,39 @@ def distill_head(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (name, folder or file)."),
     student: str = typer.Option(..., "--student", help="Student model; only its head changes."),
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoint + report)."),
-    corpus: str = typer.Option("tourguide", "--corpus", help="Corpus of fit and validation."),
+    corpus: str = corpus_option("tourguide", "Texts of the fit and the validation"),
     split: str | None = typer.Option("calibration", "--split", help="Its split."),
     fit: int = typer.Option(32, "--fit", min=1, help="First N documents: the ridge fit."),
     val: int = typer.Option(12, "--val", min=1, help="Next M documents: choose λ and blend."),
     lambdas: str = typer.Option("0.1,1,10", "--lambdas", help="Relative ridge λ candidates."),
     blends: str = typer.Option("0.25,0.5,0.75,1", "--blends", help="Blend β candidates."),
     max_length: int = typer.Option(256, "--max-length", min=2, help="Window length in tokens."),
-    device: str = typer.Option("cpu", "--device", help="Device of the models."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
+    progress: bool = PROGRESS,
 ) -> None:
     """Distil the teacher's logits into the student's LM head (ridge + blend, chosen by KL)."""
-    from gradfree.base.io import check_new_output
-    from gradfree.compress.head import distill_head as run
-    from gradfree.texts.corpora import load_corpus
+    from gradfree.compress.head import run_distill_head
 
     lam, beta = _floats(lambdas, "lambdas"), _floats(blends, "blends")
     if any(b <= 0 or b > 1 for b in beta) or any(v <= 0 for v in lam):
         raise GradfreeError("Blends must lie in (0, 1] and λ values must be positive.")
-    check_new_output(out, overwrite)
-    docs = load_corpus(corpus, split=split)
-    if len(docs) < fit + val:
-        raise GradfreeError(
-            f"The corpus has {len(docs)} documents; --fit {fit} and --val {val} need {fit + val}."
-        )
-    t, s, inputs = load_pair(teacher, student, device, dtype)
-    inputs.update(corpus=corpus, split=split)
-    choice = run(
-        t,
-        s,
-        docs[:fit],
-        docs[fit : fit + val],
+    choice = run_distill_head(
+        teacher,
+        student,
         out,
+        corpus=corpus,
+        split=split,
+        fit=fit,
+        val=val,
+        device=device,
+        dtype=dtype,
         lambdas=lam,
         blends=beta,
         max_length=max_length,
         overwrite=overwrite,
-        inputs=inputs,
+        progress=progress,
     )
     typer.echo(
         f"validation KL {choice.student['kl']:.4f} -> {choice.chosen['kl']:.4f} "

@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE
+
 
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder."),
@@ -24,27 +26,28 @@ def demo_command(
     experiment: bool = typer.Option(
         True, "--experiment/--no-experiment", help="Issue 4's compression rows on the same pair."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Fetch the default pair and texts, capture, analyse spectra, evaluate, write report.md."""
+    from gradfree.base.configfile import make_strict
     from gradfree.experiment.demo import DemoConfig, run_demo
 
     extra: dict[str, Any] = {} if ablation else {"ablation": None}
     if not experiment:
         extra["experiment"] = None
-    cfg = DemoConfig(
-        **extra,
-        teacher=teacher,
-        student=student,
-        calibration_limit=calibration_limit,
-        public_limit=public_limit,
-        max_length=max_length,
-        questions=questions,
-        device=device,
-        dtype=dtype,
-    )
+    options = {
+        "teacher": teacher,
+        "student": student,
+        "calibration_limit": calibration_limit,
+        "public_limit": public_limit,
+        "max_length": max_length,
+        "questions": questions,
+        "device": device,
+        "dtype": dtype,
+    }
+    cfg = make_strict(DemoConfig, extra, options, noun="demo", invalid="demo options")
     path = run_demo(cfg, out, overwrite=overwrite, say=lambda m: typer.echo(m, err=True))
     typer.echo(str(path / "report.md"))
 

@@ -1,5 +1,7 @@
 """`gradfree eval`: perplexity of a model on a corpus, agreement with a teacher, and answers to
-the held-out questions; writes eval.json and eval.md (see :mod:`gradfree.evaluation.run`)."""
+the held-out questions; writes eval.json and eval.md. Thin: parse, call
+:func:`gradfree.evaluation.corpus.evaluate_corpus` (which loads and records the model, teacher and
+corpus), print a summary."""
 
 from __future__ import annotations
 
@@ -7,12 +9,7 @@ from pathlib import Path
 
 import typer
 
-
-def _progress(stage: str, done: int, total: int) -> None:
-    end = "\n" if done == total else ""
-    typer.echo(f"\r{stage}: {done}/{total}", err=True, nl=False)
-    if end:
-        typer.echo("", err=True)
+from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE, corpus_option
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -28,7 +25,7 @@ def _layers(text: str | None) -> list[int] | None:
 
 def eval_command(
     model: str = typer.Option(..., "--model", help="Model to evaluate (known name or folder)."),
-    corpus: str = typer.Option(..., "--corpus", help="Corpus name or path."),
+    corpus: str = corpus_option(..., "Texts to evaluate on"),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist)."),
     teacher: str | None = typer.Option(
         None, "--teacher", help="A teacher with the same tokenizer: adds KL, agreement, CKA."
@@ -47,54 +44,33 @@ def eval_command(
     compare_layers: str | None = typer.Option(
         None, "--compare-layers", help="Model layers for cosine/CKA, e.g. 0,8,16 (default all)."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Evaluate a model: perplexity, agreement with a teacher, and short answers."""
-    from gradfree.base.errors import GradfreeError
-    from gradfree.base.io import check_new_output
-    from gradfree.base.provenance import versions
-    from gradfree.evaluation.run import check_window_settings, evaluate, write_eval
-    from gradfree.models import load_model
-    from gradfree.texts.corpora import corpus_manifest, load_corpus, load_questions, system_prompt
+    from gradfree.base.progress import Progress
+    from gradfree.evaluation.corpus import evaluate_corpus
 
-    check_new_output(out, overwrite)  # cheap checks first, before loading anything big
-    check_window_settings(max_length, stride)
-    docs = load_corpus(corpus, split=split, limit=limit)
-    if not docs:
-        where = f" in split '{split}'" if split else ""
-        raise GradfreeError(f"The corpus {corpus} has no documents{where}.")
-    qs, prompt = (load_questions(), system_prompt()) if questions else (None, None)
-    loaded = load_model(model, device=device, dtype=dtype)
-    tloaded = load_model(teacher, device=device, dtype=dtype) if teacher else None
-    result = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        docs,
-        teacher=tloaded.model if tloaded else None,
-        teacher_tokenizer=tloaded.tokenizer if tloaded else None,
-        questions=qs,
-        system_prompt=prompt,
-        max_length=max_length,
-        stride=stride,
-        batch_size=batch_size,
-        device=device,
-        layer_map=layer_map,
-        compare_layers=_layers(compare_layers),
-        progress=_progress,
-    )
-    for key, spec, info in (("model", model, loaded), ("teacher_model", teacher, tloaded)):
-        if info is not None:
-            result[key] = {
-                "spec": spec,
-                "name": info.name,
-                "source": info.source,
-                "fingerprint": info.fingerprint,
-            }
-    result["corpus"] = corpus_manifest(docs, corpus)
-    result["versions"] = versions()
-    write_eval(result, out, overwrite=overwrite)
+    with Progress() as report:  # a bar on a terminal, log lines in a log
+        result = evaluate_corpus(
+            model,
+            corpus,
+            out,
+            teacher=teacher,
+            split=split,
+            limit=limit,
+            questions=questions,
+            max_length=max_length,
+            stride=stride,
+            batch_size=batch_size,
+            layer_map=layer_map,
+            compare_layers=_layers(compare_layers),
+            device=device,
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=report,
+        )
     ppl = result["perplexity"]
     typer.echo(f"perplexity {ppl['ppl']:.3f} over {ppl['tokens']} tokens", err=True)
     if result["teacher"]:

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import DEVICE_HELP, OVERWRITE, device_option, dtype_option
+
 
 def experiment(
     config: Path = typer.Option(..., "--config", help="Experiment YAML (see experiments/)."),
     out: Path = typer.Option(..., "--out", help="Output folder (results.md, results.json)."),
     teacher: str | None = typer.Option(None, "--teacher", help="Override the config's teacher."),
     student: str | None = typer.Option(None, "--student", help="Override the config's student."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1... (config)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16... (config)."),
+    device: str | None = device_option(None, f"{DEVICE_HELP} (overrides the config)"),
+    dtype: str | None = dtype_option(None, "Model dtype (overrides the config)."),
     resume: bool = typer.Option(False, "--resume", help="Skip rows already measured in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = OVERWRITE,
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep captures and references."),
 ) -> None:
     """Build and measure every row of an experiment (gradient-free), write results.md."""

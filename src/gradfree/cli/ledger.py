@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import OVERWRITE
+
 
 def check_command(
     folder: Path = typer.Argument(
@@ -14,7 +16,7 @@ def check_command(
     ),
     out: Path | None = typer.Option(None, "--out", help="Folder for check.json and plots."),
     tol: float = typer.Option(1e-5, "--tol", help="Orthogonality tolerance."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Recompute the orthogonality statistics of a ledger; exit 1 when a check fails."""
     from gradfree.align.ledger import check_ledger, plot_check

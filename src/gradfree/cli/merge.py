@@ -10,15 +10,17 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import DEVICE, OVERWRITE, dtype_option
+
 
 def merge_command(
     recipe: Path | None = typer.Argument(None, help="YAML merge recipe."),
     out: Path | None = typer.Option(None, "--out", help="Output checkpoint folder."),
-    device: str = typer.Option("cpu", "--device", help="Where tensors are merged (cpu, cuda...)."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="Output dtype (overrides the recipe; default: the first model's)."
+    device: str = DEVICE,
+    dtype: str | None = dtype_option(
+        None, "Output dtype (overrides the recipe; default: the first model's)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    overwrite: bool = OVERWRITE,
     keep_statistics: bool = typer.Option(
         False, "--keep-statistics", help="Keep Fisher/Gram statistics in OUT/statistics."
     ),

@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, SPLIT, corpus_option
+
 
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
@@ -41,9 +43,6 @@ def _run(options: dict[str, Any], overwrite: bool) -> None:
 
 _MODEL = typer.Option(..., "--model", help="Model: known name or folder.")
 _OUT = typer.Option(..., "--out", help="Output checkpoint folder (must not exist).")
-_DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1...")
-_DTYPE = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16.")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out.")
 _DAMPING = typer.Option(0.01, "--damping", help="Relative damping of the moment (SliceGPT: 0.01).")
 _CHECK_CORPUS = typer.Option("tourguide", "--check-corpus", help="Text of the logits check.")
 _CHECK_SPLIT = typer.Option("heldout", "--check-split", help="Its split.")
@@ -81,9 +80,9 @@ def rotate(
     check_split: str | None = _CHECK_SPLIT,
     check_windows: int = _CHECK_WINDOWS,
     check_tokens: int = _CHECK_TOKENS,
-    device: str = _DEVICE,
-    dtype: str = _DTYPE,
-    overwrite: bool = _OVERWRITE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Fuse norms, untie and rotate the residual stream; the function is unchanged."""
     _run(
@@ -107,9 +106,9 @@ def slice_command(
     model: str = _MODEL,
     out: Path = _OUT,
     fraction: float = typer.Option(..., "--fraction", help="Share of the width to remove."),
-    corpus: str | None = typer.Option(None, "--corpus", help="Calibration corpus."),
-    split: str | None = typer.Option(None, "--split", help="Calibration split."),
-    limit: int | None = typer.Option(None, "--limit", help="At most N calibration documents."),
+    corpus: str | None = corpus_option(None, "Calibration texts"),
+    split: str | None = SPLIT,
+    limit: int | None = LIMIT,
     capture: Path | None = typer.Option(None, "--capture", help="Existing capture instead."),
     recompute: bool = typer.Option(
         False, "--recompute", help="Slice in stages, re-measuring through the sliced model."
@@ -127,9 +126,9 @@ def slice_command(
     check_split: str | None = _CHECK_SPLIT,
     check_windows: int = _CHECK_WINDOWS,
     check_tokens: int = _CHECK_TOKENS,
-    device: str = _DEVICE,
-    dtype: str = _DTYPE,
-    overwrite: bool = _OVERWRITE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Remove a fraction of the residual width with one global PCA basis (plain checkpoint)."""
     _run(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from gradfree.cli.options import DEVICE, OVERWRITE
+
 
 def _split(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
@@ -36,8 +38,8 @@ def spectrum(
     embeddings: bool = typer.Option(
         True, "--embeddings/--skip-embeddings", help="Include the embedding and LM head weights."
     ),
-    device: str = typer.Option("cpu", "--device", help="Where to run the decompositions."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Eigenvalue spectra of captured activations in several variants, and weight spectra."""
     from gradfree.base.io import check_new_output

@@ -34,12 +34,12 @@ import torch
 
 from gradfree.base.numerics import f64
 from gradfree.capture import Capture
+from gradfree.capture.similarity import linear_cka_from_stats
 from gradfree.solvers import (
     align_tiers,
     gaussian_mi_per_dim,
     gaussian_mutual_information,
     joint_semi_orthogonal,
-    linear_cka_from_stats,
     pca_basis,
     procrustes_from_cross,
     project_cross,
@@ -191,7 +191,7 @@ def residual_bases(
                 "variance_preserved": variance_preserved(st.covariance(centered=True), v),
                 "variance_preserved_uncentered": variance_preserved(body.sigma_t, v),
                 "alignment_cosine": alignment_cosine(v, body),
-                "cka": linear_cka_from_stats(cap.cross(tk, sk, "body"), st, ss),
+                "cka": linear_cka_from_stats(st, ss, cap.cross(tk, sk, "body")),
                 "kurtosis_teacher": kt,
                 "kurtosis_student": ks,
                 "kurtosis_gap": kt - ks,

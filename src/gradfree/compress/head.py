@@ -8,6 +8,11 @@ ridge head raised the validation KL. So the head that is used is a blend
 ``H = β·H(λ) + (1 − β)·H_S`` with (λ, β) chosen on validation documents that the fit did not see,
 by the measured KL(teacher ‖ student) (:func:`select_ridge_head`). β = 0 (the student's own head)
 is always a candidate: on the validation documents the result is never worse than the student.
+
+The validation windows are a teacher reference (:mod:`gradfree.evaluation.reference`, first
+window of each document, float32 log-probs in memory) beside the student's final states, so a
+candidate head is scored by one matrix product per window, with the reference's arithmetic.
+:func:`compare_heads` reports a chosen head against the student's on text the choice never saw.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from torch import nn
 
 from gradfree.adapters import get_adapter
 from gradfree.base.numerics import f64
+from gradfree.base.progress import ProgressFn, reporting, silent
 from gradfree.capture import Capture
+from gradfree.evaluation.reference import Sums, TeacherReference, teacher_reference
 from gradfree.surgery.edit import assign_, param
 
 
@@ -71,7 +78,14 @@ def final_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return got[0]
 
 
-@torch.no_grad()
+def validation_docs(student: nn.Module, ref: TeacherReference) -> list[ValidationDoc]:
+    """The windows of a teacher reference of log-probs, with the student's final normed states."""
+    return [
+        ValidationDoc(w, final_states(student, w).cpu(), ref.teacher_logp(k))
+        for k, w in enumerate(ref.ids)
+    ]
+
+
 def validation_set(
     student: nn.Module,
     teacher: nn.Module,
@@ -79,38 +93,30 @@ def validation_set(
     docs: Sequence[Any],
     max_length: int = 256,
 ) -> list[ValidationDoc]:
-    """The first ``max_length`` tokens of each document, run through both models once."""
-    out = []
-    for d in docs:
-        text = d if isinstance(d, str) else d.text
-        ids = torch.tensor(tokenizer(text)["input_ids"][:max_length], dtype=torch.long)
-        if len(ids) < 2:
-            continue
-        device = next(teacher.parameters()).device
-        logits = teacher(input_ids=ids[None].to(device)).logits[0]
-        out.append(
-            ValidationDoc(
-                ids, final_states(student, ids).cpu(), torch.log_softmax(logits.float(), -1).cpu()
-            )
-        )
-    return out
+    """The first ``max_length`` tokens of each document (of at least 2): the teacher's
+    log-probs kept in memory (:func:`~gradfree.evaluation.reference.teacher_reference`) and the
+    student's final states."""
+    ref = teacher_reference(teacher, tokenizer, docs, None, max_length, first_only=True)
+    return validation_docs(student, ref)
 
 
 @torch.no_grad()
+def score_head(val: Sequence[ValidationDoc], head: torch.Tensor) -> dict[str, Any]:
+    """KL(teacher ‖ student), perplexity and top-1 agreement of ``head`` on next-token positions
+    (:class:`~gradfree.evaluation.reference.Sums`), each window counted as its own document for
+    :func:`~gradfree.evaluation.reference.bootstrap_delta`."""
+    sums = Sums(len(val))
+    w = head.to(torch.float32)
+    for k, v in enumerate(val):
+        logp = torch.log_softmax(v.states.to(torch.float32) @ w.T, -1)[:-1]
+        sums.add(logp, v.teacher_logp[:-1], v.ids[1:], k)
+    return sums.result()
+
+
 def head_scores(val: Sequence[ValidationDoc], head: torch.Tensor) -> dict[str, float]:
     """Token-weighted KL(teacher ‖ student) and perplexity of ``head`` on next-token positions."""
-    kl = nll = 0.0
-    n = 0
-    w = head.to(torch.float32)
-    for v in val:
-        logp = torch.log_softmax(v.states.to(torch.float32) @ w.T, -1)[:-1]
-        lt = v.teacher_logp[:-1]
-        kl += float((lt.exp() * (lt - logp)).sum())
-        nll -= float(logp.gather(1, v.ids[1:, None]).sum())
-        n += len(v.ids) - 1
-    if n == 0:
-        raise ValueError("no validation tokens")
-    return {"kl": kl / n, "ppl": float(torch.exp(torch.tensor(nll / n))), "tokens": float(n)}
+    sc = score_head(val, head)
+    return {"kl": sc["kl"], "ppl": sc["ppl"], "tokens": float(sc["tokens"])}
 
 
 @torch.no_grad()
@@ -149,8 +155,10 @@ def select_ridge_head(
     val: Sequence[ValidationDoc],
     lambdas: Sequence[float] = (0.1, 1.0, 10.0),
     blends: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    progress: ProgressFn = silent,
 ) -> HeadChoice:
-    """The (λ, β) with the lowest validation KL, the student's own head (β = 0) included."""
+    """The (λ, β) with the lowest validation KL, the student's own head (β = 0) included;
+    ``progress`` hears of each candidate scored."""
     h_s = param(get_adapter(student).lm_head).detach().to(torch.float32)
     base = head_scores(val, h_s)
     best: tuple[float, float | None, float, torch.Tensor | None] = (base["kl"], None, 0.0, None)
@@ -161,12 +169,41 @@ def select_ridge_head(
             h = beta * h_r + (1.0 - beta) * h_s
             sc = head_scores(val, h)
             rows.append({"lambda": lam, "blend": beta, **sc})
+            progress("ridge heads", len(rows), len(lambdas) * len(blends), "candidates")
             if sc["kl"] < best[0]:
                 best, best_scores = (sc["kl"], lam, beta, h), sc
             else:
                 del h
         del h_r
     return HeadChoice(best[3], best[1], best[2], base, best_scores, rows)
+
+
+def compare_heads(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    docs: Sequence[Any],
+    head: torch.Tensor,
+    max_length: int = 256,
+    samples: int = 2000,
+) -> dict[str, Any]:
+    """The student's own head against ``head`` on the first ``max_length`` tokens of ``docs``:
+    KL, perplexity and top-1 of each, and the bootstrap interval of their KL difference."""
+    from gradfree.evaluation.reference import bootstrap_delta
+
+    val = validation_set(student, teacher, tokenizer, docs, max_length)
+    own = score_head(val, param(get_adapter(student).lm_head).detach())
+    new = score_head(val, head)
+
+    def summary(sc: dict[str, Any]) -> dict[str, Any]:
+        return {k: sc[k] for k in ("kl", "ppl", "top1", "tokens")}
+
+    return {
+        "student": summary(own),
+        "distilled": summary(new),
+        "kl_difference_95ci": list(bootstrap_delta(own, new, samples)),
+        "documents": len(val),
+    }
 
 
 @torch.no_grad()
@@ -189,9 +226,11 @@ def fit_head(
     max_length: int = 256,
     batch_size: int = 4,
     clock: Any = None,
+    progress: bool | ProgressFn = False,
 ) -> HeadChoice:
     """Capture ``final.normed`` of both loaded models on ``fit_docs``, then choose the head on
-    ``val_docs`` (:func:`select_ridge_head`); stages are timed on ``clock`` when given."""
+    ``val_docs`` (:func:`select_ridge_head`); stages are timed on ``clock`` when given and
+    reported to ``progress`` (True: on stderr, :mod:`gradfree.base.progress`)."""
     import contextlib
     import tempfile
 
@@ -200,21 +239,27 @@ def fit_head(
     def stage(name: str) -> Any:
         return clock.stage(name) if clock is not None else contextlib.nullcontext()
 
-    with tempfile.TemporaryDirectory(prefix="gradfree-head-") as work:
+    with (
+        reporting(progress) as report,
+        tempfile.TemporaryDirectory(prefix="gradfree-head-") as work,
+    ):
         with stage("paired capture (final.normed)"):
             cap = run_capture(
                 {"teacher": teacher, "student": student},
                 fit_docs,
                 Path(work) / "cap",
                 {"sites": ["final.normed"], "max_length": max_length, "batch_size": batch_size},
-                progress=False,
+                progress=report,
             )
         with stage("validation features (both models)"):
             val = validation_set(
                 student.model, teacher.model, student.tokenizer, val_docs, max_length
             )
+            report("validation features", len(val), len(val), "windows")
         with stage("ridge heads + choice"):
-            return select_ridge_head(student.model, teacher.model, cap, val, lambdas, blends)
+            return select_ridge_head(
+                student.model, teacher.model, cap, val, lambdas, blends, progress=report
+            )
 
 
 def distill_head(
@@ -230,12 +275,13 @@ def distill_head(
     batch_size: int = 4,
     overwrite: bool = False,
     inputs: dict[str, Any] | None = None,
+    progress: bool | ProgressFn = False,
 ) -> HeadChoice:
     """:func:`fit_head`, then write ``out``: the student with the chosen head as a plain
     checkpoint (unchanged when its own head was best), ``head.json`` and ``report.md``."""
     from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
-    from gradfree.compress.report import save_checkpoint
+    from gradfree.models.fetch import save_checkpoint
 
     check_new_output(out, overwrite)
     clock = Stopwatch()
@@ -250,6 +296,7 @@ def distill_head(
             max_length=max_length,
             batch_size=batch_size,
             clock=clock,
+            progress=progress,
         )
         with clock.stage("write checkpoint"):
             if choice.head is not None:
@@ -268,6 +315,41 @@ def distill_head(
         write_json_atomic(tmp / "head.json", record)
         write_text_atomic(tmp / "report.md", _head_report(choice, clock))
     return choice
+
+
+def run_distill_head(
+    teacher: str,
+    student: str,
+    out: str | Path,
+    *,
+    corpus: str = "tourguide",
+    split: str | None = "calibration",
+    fit: int = 32,
+    val: int = 12,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **options: Any,
+) -> HeadChoice:
+    """``gradfree distill-head`` as a library call: the first ``fit`` documents of the corpus
+    fit the head, the next ``val`` choose it; both models (by name or folder) and the texts are
+    recorded in ``head.json`` (fingerprints, corpus manifest). ``options`` go to
+    :func:`distill_head`."""
+    from gradfree.base.errors import GradfreeError
+    from gradfree.base.io import check_new_output
+    from gradfree.models.load import load_pair
+    from gradfree.texts.corpora import corpus_manifest, load_corpus
+
+    check_new_output(out, bool(options.get("overwrite", False)))
+    docs = load_corpus(corpus, split=split)
+    if len(docs) < fit + val:
+        raise GradfreeError(
+            f"The corpus has {len(docs)} documents; --fit {fit} and --val {val} need {fit + val}."
+        )
+    t, s, inputs = load_pair(teacher, student, device, dtype)
+    inputs.update(
+        corpus=corpus, split=split, texts=corpus_manifest(docs[: fit + val], corpus)["sha256"]
+    )
+    return distill_head(t, s, docs[:fit], docs[fit : fit + val], out, inputs=inputs, **options)
 
 
 def _head_report(choice: HeadChoice, clock: Any) -> str:

@@ -48,7 +48,7 @@ def require_calibration(documents: Sequence[Any] | None, tokenizer: Any) -> None
     if documents is None or tokenizer is None:
         raise GradfreeError(
             "ridge_recapture needs the calibration documents and their tokenizer: pass "
-            "documents= and tokenizer= to merge() or solve()."
+            "documents= and tokenizer= to interpolate() or solve()."
         )
 
 

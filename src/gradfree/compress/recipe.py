@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from gradfree.base.configfile import read_yaml_mapping, validation_message
-from gradfree.base.errors import GradfreeError
+from gradfree.base.configfile import given, make_strict, read_yaml_mapping
 
 Basis = Literal["svd", "two_tier", "joint", "identity"]
 Merge = Literal["none", "uniform", "alignment", "optimal", "ridge", "measured"]
@@ -161,16 +160,7 @@ class CompressRecipe(BaseModel):
 
 def make_recipe(value: CompressRecipe | dict[str, Any] | None = None, **kw: Any) -> CompressRecipe:
     """A validated recipe from a recipe, a dict and/or keywords (keywords win)."""
-    data: dict[str, Any] = {}
-    if isinstance(value, CompressRecipe):
-        data = value.model_dump()
-    elif value is not None:
-        data = dict(value)
-    data.update({k: v for k, v in kw.items() if v is not None})
-    try:
-        return CompressRecipe(**data)
-    except ValidationError as e:
-        raise GradfreeError(validation_message(e, "recipe")) from None
+    return make_strict(CompressRecipe, value, given(kw), noun="recipe")
 
 
 def load_recipe(path: str | Path, **overrides: Any) -> CompressRecipe:

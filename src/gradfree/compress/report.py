@@ -16,18 +16,7 @@ from gradfree.base.io import write_json_atomic, write_text_atomic
 from gradfree.base.provenance import Stopwatch, machine, versions
 
 if TYPE_CHECKING:
-    from gradfree.compress.pipeline import Solution
-
-
-def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A plain HF folder: weights with the (untied where needed) student config + tokenizer."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    from gradfree.compress.solution import Solution
 
 
 def report_data(

@@ -3,8 +3,9 @@
 - Token-level comparisons of two models' logits: KL(p‖q) from log-softmaxes, top-1 agreement,
   negative log-likelihood of the targets, perplexity = exp(Σ NLL / tokens).
 - Representation similarity: per-row cosine, and linear CKA (Kornblith et al., 2019, "Similarity
-  of Neural Network Representations Revisited") in its feature-space form computed from streaming
-  sufficient statistics: with centered (cross-)covariances C,
+  of Neural Network Representations Revisited") of two token matrices, in its feature-space form
+  computed from streaming sufficient statistics (the statistics-level function is
+  :func:`gradfree.capture.similarity.linear_cka_from_stats`): with centered (cross-)covariances C,
   CKA(X, Y) = ‖C_xy‖_F² / (‖C_xx‖_F ‖C_yy‖_F). This equals the Gram-matrix form
   ⟨K̃, L̃⟩ / (‖K̃‖ ‖L̃‖) with K = XXᵀ, L = YYᵀ, but needs memory in the widths only, so it streams
   over any number of tokens and works for different widths (teacher vs student).
@@ -23,8 +24,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-    from gradfree.capture.stats import CrossStats, MomentStats
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -67,26 +66,16 @@ def cosine_per_row(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
 
 
-def linear_cka_from_stats(sx: MomentStats, sy: MomentStats, sxy: CrossStats) -> float:
-    """Linear CKA from streamed statistics of X (width dx), Y (width dy) and their cross moments
-    (``sxy`` accumulated as ``update(x, y)``, i.e. a = X and b = Y)."""
-    if not (sx.count == sy.count == sxy.count):
-        raise ValueError("CKA statistics must cover the same tokens")
-    if (sxy.dim_a, sxy.dim_b) != (sx.dim, sy.dim):
-        raise ValueError("cross statistics do not match the widths of X and Y")
-    cxx, cyy = sx.covariance(centered=True), sy.covariance(centered=True)
-    cxy = sxy.cross_covariance(centered=True)
-    denom = float(cxx.norm()) * float(cyy.norm())
-    return float((cxy * cxy).sum()) / denom if denom > 0 else 0.0
-
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two (N, ·) representations of the same N tokens (via the streaming form)."""
+    """Linear CKA of two (N, ·) representations of the same N tokens, via the streaming form
+    (:func:`gradfree.capture.similarity.linear_cka_from_stats`); 0.0 when a side is constant."""
+    from gradfree.capture.similarity import linear_cka_from_stats
     from gradfree.capture.stats import CrossStats, MomentStats
 
     sx = MomentStats.empty(x.shape[1]).update(x)
     sy = MomentStats.empty(y.shape[1]).update(y)
-    return linear_cka_from_stats(sx, sy, CrossStats.empty(x.shape[1], y.shape[1]).update(x, y))
+    cross = CrossStats.empty(x.shape[1], y.shape[1]).update(x, y)
+    return linear_cka_from_stats(sx, sy, cross, undefined=0.0)
 
 
 _NON_WORD = re.compile(r"[\W_]+", flags=re.UNICODE)

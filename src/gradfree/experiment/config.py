@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gradfree.base.configfile import read_yaml_mapping, validation_message
-from gradfree.base.errors import GradfreeError
+from gradfree.base.configfile import Device, DType, make_strict, read_yaml_mapping
 
 
 class Texts(BaseModel):
@@ -144,8 +143,8 @@ class ExperimentConfig(BaseModel):
 
     teacher: str
     student: str
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: Device = "cpu"
+    dtype: DType = "float32"
     calibration: Texts = Texts(corpus="tourguide", split="calibration", skip=0, limit=32)
     validation: Texts = Texts(corpus="tourguide", split="calibration", skip=32, limit=12)
     task: Texts = Texts(corpus="tourguide", split="heldout", skip=0, limit=12)
@@ -212,10 +211,8 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 
 def make_experiment(data: dict[str, Any]) -> ExperimentConfig:
-    try:
-        return ExperimentConfig(**data)
-    except ValidationError as e:
-        raise GradfreeError(validation_message(e, "experiment config")) from None
+    """A validated :class:`ExperimentConfig` from a mapping (one-sentence errors)."""
+    return make_strict(ExperimentConfig, data, noun="experiment config")
 
 
 def expand_rows(cfg: ExperimentConfig) -> list[Row]:

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradfree.align.config import AblateConfig, AlignConfig
+from gradfree.base.configfile import Device, DType
 
 
 def _demo_ablation() -> AblateConfig:
@@ -98,8 +99,8 @@ class DemoConfig(BaseModel):
     ablation: AblateConfig | None = Field(default_factory=_demo_ablation)
     # issue 4: an experiment config without the pair (None: skip the compression stage)
     experiment: dict[str, Any] | None = Field(default_factory=_demo_experiment)
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: Device = "cpu"
+    dtype: DType = "float32"
     seed: int = 0
 
 

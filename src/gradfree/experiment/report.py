@@ -9,7 +9,7 @@ from typing import Any
 
 from gradfree.base.io import write_json_atomic, write_text_atomic
 from gradfree.base.provenance import machine, versions
-from gradfree.evaluation.reference import Reference, bootstrap_delta
+from gradfree.evaluation.reference import TeacherReference, bootstrap_delta
 from gradfree.experiment.config import ExperimentConfig
 
 
@@ -57,7 +57,7 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(
     cfg: ExperimentConfig,
     results: dict[str, dict[str, Any]],
-    refs: dict[str, Reference],
+    refs: dict[str, TeacherReference],
     clock: Any,
 ) -> str:
     rows = summary_rows(results)
@@ -220,7 +220,7 @@ def write_results(
     out: Path,
     cfg: ExperimentConfig,
     results: dict[str, dict[str, Any]],
-    refs: dict[str, Reference],
+    refs: dict[str, TeacherReference],
     clock: Any,
     *,
     final: bool,

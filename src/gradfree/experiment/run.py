@@ -1,19 +1,21 @@
 """The engine of ``gradfree experiment``: build every row's model, measure it, write the table.
 
     refs   = teacher references of the validation, task and out-of-task texts (once, on disk)
-    for each calibration set:     one paired capture (kept under work/, reused by its rows)
+    for each calibration set:     one Calibration: its documents, one paired capture (kept
+                                  under work/captures, reused by its rows)
         for each projection:      bases + head/neuron plans + projected teacher (once)
             for each row:         merge [+ measured α] [+ distilled head] → score → results
 
-Rows are ordered so that captures and projections are computed once; results are written
-(atomically) after every row, so a long run can be followed, and ``resume`` skips the rows
-already measured with the same config. Time and peak memory of every stage are recorded.
+Rows are ordered so that captures and projections are computed once; every set of texts is read
+once. Results are written (atomically) after every row, so a long run can be followed, and
+``resume`` skips the rows already measured with the same config. Time and peak memory of every
+stage are recorded. The capture → project → interpolate steps are those of ``gradfree compress``
+(:class:`~gradfree.compress.calibration.Calibration`).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -25,10 +27,15 @@ from torch import nn
 
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import read_json, write_json_atomic
-from gradfree.evaluation.reference import Reference, bootstrap_delta, score, teacher_reference
+from gradfree.compress.calibration import Calibration
+from gradfree.compress.calibration import spec_hash as _hash
+from gradfree.evaluation.reference import (
+    TeacherReference,
+    bootstrap_delta,
+    score,
+    teacher_reference,
+)
 from gradfree.experiment.config import ExperimentConfig, Row, Texts, expand_rows
-
-CAPTURE_FIELDS = ("layer_map", "max_length", "batch_size", "dump_rate", "dump_max", "seed")
 
 
 def load_texts(t: Texts) -> list[Any]:
@@ -41,12 +48,9 @@ def load_texts(t: Texts) -> list[Any]:
     return docs
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 class Engine:
-    """State of one run: models, references, the current capture and projection, the results."""
+    """State of one run: models, documents, references, calibrations (with their captures), the
+    current projection, the results."""
 
     def __init__(
         self,
@@ -69,10 +73,9 @@ class Engine:
         )
         self.base = make_recipe(cfg.recipe, max_length=cfg.max_length, batch_size=cfg.batch_size)
         self.work = out / "work"
-        self.refs: dict[str, Reference] = {}
-        self.captures: dict[str, Any] = {}
-        self.by_texts: dict[str, Any] = {}  # texts key -> a full paired capture of them
-        self.layer_maps: dict[str, list[int]] = {}
+        self.refs: dict[str, TeacherReference] = {}
+        self.docs: dict[str, list[Any]] = {}  # texts key -> its documents, read once
+        self.calibrations: dict[str, Calibration] = {}  # texts key -> its calibration
         self._proj: tuple[str, Any] | None = None
         self.questions: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -90,44 +93,40 @@ class Engine:
 
             self.questions = load_questions()[: cfg.questions]
 
+    def documents(self, texts: Texts) -> list[Any]:
+        """The documents of ``texts`` (read once per spec)."""
+        if texts.key() not in self.docs:
+            self.docs[texts.key()] = load_texts(texts)
+        return self.docs[texts.key()]
+
+    def calibration(self, texts: Texts) -> Calibration:
+        """The calibration on ``texts``; its captures are kept in work/captures/<key>."""
+        from gradfree.texts.corpora import corpus_manifest
+
+        if texts.key() not in self.calibrations:
+            docs = self.documents(texts)
+            self.calibrations[texts.key()] = Calibration(
+                self.t,
+                self.s,
+                docs,
+                manifest=corpus_manifest(docs, texts.label()),
+                source={"texts": texts.model_dump()},
+                root=self.work / "captures",
+                label=texts.label(),
+                clock=self.clock,
+                say=self.say,
+            )
+        return self.calibrations[texts.key()]
+
     def capture(self, texts: Texts, recipe: Any) -> Any:
         """The paired capture of ``texts`` for a recipe's capture fields (cached on disk)."""
-        from gradfree.capture import load_capture
-        from gradfree.compress import capture_pair, resolve_layer_map
-        from gradfree.compress.pipeline import CAPTURE_SITES, CROSS_SITES, cka_layer_map
-
-        spec = {
-            "texts": texts.model_dump(),
-            "sites": [CAPTURE_SITES, CROSS_SITES],
-            **{f: getattr(recipe, f) for f in CAPTURE_FIELDS},
-        }
-        key = _hash(spec)
-        if key in self.captures:
-            return self.captures[key]
-        folder = self.work / "captures" / key
-        docs = load_texts(texts)
-        if (folder / "manifest.json").exists():
-            cap = load_capture(folder)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            with self.clock.stage(f"layer map + paired capture: {texts.label()}"):
-                lmap = resolve_layer_map(
-                    recipe,
-                    self.t.model,
-                    self.s.model,
-                    lambda: cka_layer_map(self.t, self.s, docs, folder.with_suffix(".cka"), recipe),
-                )
-                self.say(f"paired capture of {texts.label()} ({len(docs)} documents)")
-                cap = capture_pair(self.t, self.s, docs, folder, recipe, lmap)
-                shutil.rmtree(folder.with_suffix(".cka"), ignore_errors=True)
-        self.captures[key] = self.by_texts[texts.key()] = cap
-        return cap
+        return self.calibration(texts).capture(recipe)
 
     # building ---------------------------------------------------------------------------------
-    def projection(self, row: Row, recipe: Any, cap: Any) -> Any:
-        from gradfree.compress import project
+    def projection(self, row: Row, recipe: Any, cal: Calibration) -> Any:
         from gradfree.compress.recipe import PROJECTION_FIELDS
 
+        cap = cal.capture(recipe)
         blend = None
         if row.blend is not None:
             blend = self.blended_bases(recipe, cap, row)
@@ -143,7 +142,7 @@ class Engine:
         self._proj = None
         gc.collect()
         with self.clock.stage(f"project {recipe.basis}{'/per-layer' if recipe.per_layer else ''}"):
-            proj = project(self.t.model, self.s.model, cap, recipe, bases=blend)
+            proj = cal.project(recipe, bases=blend)
         self._proj = (key, proj)
         return proj
 
@@ -170,33 +169,37 @@ class Engine:
         out.diagnostics = a.diagnostics
         return out
 
-    def _reference(self, name: str, texts: Texts) -> Reference:
+    def _reference(self, name: str, texts: Texts) -> TeacherReference:
         """The teacher reference of ``texts`` under ``name`` (computed once, kept on disk)."""
         if name not in self.refs:
             folder = self.work / "refs" / _hash(texts.model_dump())
             with self.clock.stage(f"teacher reference: {name}"):
                 self.refs[name] = teacher_reference(
-                    self.t.model, self.s.tokenizer, load_texts(texts), folder, self.cfg.max_length
+                    self.t.model,
+                    self.s.tokenizer,
+                    self.documents(texts),
+                    folder,
+                    self.cfg.max_length,
                 )
         return self.refs[name]
 
-    def validation(self, row: Row) -> Reference:
+    def validation(self, row: Row) -> TeacherReference:
         """The teacher reference of the texts ``row``'s measured choices are made on."""
         if row.validation is None:
             return self.refs["validation"]
         return self._reference(f"validation:{row.validation.label()}", row.validation)
 
     def measured_alpha(
-        self, proj: Any, recipe: Any, cap: Any, val: Reference
+        self, proj: Any, recipe: Any, cal: Calibration, val: TeacherReference
     ) -> tuple[Any, dict[str, Any]]:
         """The uniform α (from ``recipe.alpha_grid``, 0 included) with the lowest validation KL."""
-        from gradfree.compress import interpolate, make_recipe
+        from gradfree.compress import make_recipe
 
         best: tuple[float, float, Any] | None = None
         tried = []
         for a in sorted({0.0, *recipe.alpha_grid}):
             r = make_recipe(recipe, merge="uniform", alpha=a, alpha_grid=[])
-            sol = interpolate(proj, self.t.model, self.s.model, cap, r)
+            sol = cal.interpolate(proj, r)
             kl = score(sol.model, val)["kl"]
             tried.append({"alpha": a, "validation_kl": kl})
             if best is None or kl < best[0]:
@@ -241,7 +244,7 @@ class Engine:
         part = folder if prefix is None else root / f"{key}.part"
         shutil.rmtree(part, ignore_errors=True)
         self.say(f"final-state capture of {rest.label()}")
-        run_capture(subjects, load_texts(rest), part, self._final_settings())
+        run_capture(subjects, self.documents(rest), part, self._final_settings())
         if prefix is not None:
             combine_captures([root / _hash(prefix.model_dump()), part], folder)
             shutil.rmtree(part)
@@ -249,29 +252,21 @@ class Engine:
         return load_capture(folder)
 
     def distil_head(
-        self, model: nn.Module, cap: Any | None, texts: Texts, ref: Reference
+        self, model: nn.Module, cap: Any | None, texts: Texts, ref: TeacherReference
     ) -> dict[str, Any]:
         """Replace ``model``'s head by the (λ, β) blend of lowest validation KL (in place);
         ``cap`` None: ``model`` is a built model, whose final states are captured for it alone."""
         import tempfile
 
         from gradfree.capture import Subject, run_capture
-        from gradfree.compress.head import (
-            ValidationDoc,
-            apply_head_,
-            final_states,
-            select_ridge_head,
-        )
+        from gradfree.compress.head import apply_head_, select_ridge_head, validation_docs
 
-        val = [
-            ValidationDoc(w, final_states(model, w).cpu(), ref.teacher_logp(k))
-            for k, w in enumerate(ref.ids)
-        ]
+        val = validation_docs(model, ref)
         with tempfile.TemporaryDirectory(prefix="head-", dir=self.work) as tmp:
             if cap is None:
                 cap = run_capture(
                     {"teacher": self.t, "student": Subject(model, self.s.tokenizer)},
-                    load_texts(texts),
+                    self.documents(texts),
                     Path(tmp) / "cap",
                     self._final_settings(),
                 )
@@ -290,7 +285,7 @@ class Engine:
             if not name.startswith("validation"):
                 res[name] = score(model, ref)
         if self.questions:
-            from gradfree.evaluation.run import answer_questions
+            from gradfree.evaluation.questions import answer_questions
             from gradfree.texts.corpora import system_prompt
 
             qa = answer_questions(
@@ -303,8 +298,7 @@ class Engine:
         return res
 
     def run_row(self, row: Row) -> dict[str, Any]:
-        from gradfree.compress import interpolate, make_recipe
-        from gradfree.compress.pipeline import measure_attention_kl
+        from gradfree.compress import make_recipe
 
         info: dict[str, Any] = {"study": row.study, "kind": row.kind}
         texts = row.calibration or self.cfg.calibration
@@ -318,7 +312,8 @@ class Engine:
                 model = _copy(self.s.model)
                 # Reuse a full paired capture of these texts when one exists (it holds the
                 # final states); otherwise capture only the final states (much cheaper).
-                cap = self.by_texts.get(texts.key())
+                cal = self.calibrations.get(texts.key())
+                cap = cal.last if cal is not None else None
                 cap = self.final_states(texts) if cap is None else cap
                 info["head"] = self.distil_head(model, cap, texts, self.validation(row))
             info["calibration"] = texts.label() if row.head else None
@@ -326,31 +321,20 @@ class Engine:
         recipe = make_recipe(self.base, **row.recipe)
         info["recipe"] = recipe.model_dump(mode="json")
         info["calibration"] = texts.label()
-        cap = self.capture(texts, recipe)
-        proj = self.projection(row, recipe, cap)
+        cal = self.calibration(texts)
+        proj = self.projection(row, recipe, cal)
         with self.clock.stage(f"merge {row.name}"):
             if recipe.merge == "measured":
                 sol, info["measured_alpha"] = self.measured_alpha(
-                    proj, recipe, cap, self.validation(row)
+                    proj, recipe, cal, self.validation(row)
                 )
             else:
-                docs = load_texts(texts) if recipe.ridge_recapture else None
-                sol = interpolate(
-                    proj,
-                    self.t.model,
-                    self.s.model,
-                    cap,
-                    recipe,
-                    documents=docs,
-                    tokenizer=self.s.tokenizer,
-                )
+                sol = cal.interpolate(proj, recipe)
         if recipe.attention_kl_windows:
             with self.clock.stage(f"attention KL {row.name}"):
-                sol.attention_kl = measure_attention_kl(
-                    sol, self.t.model, self.s.tokenizer, load_texts(texts), cap
-                )
+                sol.attention_kl = cal.attention_kl(sol)
             info["attention_kl"] = sol.attention_kl
-        info["merge"] = sol.alphas.describe() if sol.merge else None
+        info["merge"] = sol.alphas.describe() if sol.alphas else None
         info["profile"] = sol.merge_profile()
         info["recaptures"] = sol.recaptures
         model = sol.model if sol.model is not proj.projected else _copy(proj.projected)

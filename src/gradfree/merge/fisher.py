@@ -94,15 +94,11 @@ def diagonal_fisher(
 
 def calibration_windows(ctx: MergeContext, tokenizer: Any) -> list[list[int]]:
     """Consecutive windows of the calibration documents (at least two tokens each)."""
+    from gradfree.texts.windows import iter_windows
+
     spec = ctx.calibration()
-    out: list[list[int]] = []
-    for d in ctx.documents(spec):
-        ids = list(tokenizer(d.text)["input_ids"])
-        for s in range(0, len(ids), spec.max_length):
-            w = ids[s : s + spec.max_length]
-            if len(w) >= 2:
-                out.append(w)
-    return out
+    windows = iter_windows(tokenizer, ctx.documents(spec), spec.max_length)
+    return [w for _, w in windows if len(w) >= 2]
 
 
 class FisherParams(BaseModel):

@@ -25,9 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from gradfree.base.configfile import read_yaml_mapping, validation_message
+from gradfree.base.configfile import DType, make_strict, read_yaml_mapping
 from gradfree.base.errors import GradfreeError
 
 
@@ -113,9 +113,6 @@ def measure(
     return out
 
 
-DType = Literal["float32", "float64", "bfloat16", "float16"]
-
-
 class MergeRecipe(_Strict):
     """A whole merge: method, inputs, parameters, seed, output dtype and data sections."""
 
@@ -155,10 +152,7 @@ def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:
         return value
     if not isinstance(value, dict):
         raise GradfreeError("A merge recipe must be a mapping of fields (method, models, ...).")
-    try:
-        return MergeRecipe(**value)
-    except ValidationError as e:
-        raise GradfreeError(validation_message(e, "recipe", "field", "merge recipe")) from None
+    return make_strict(MergeRecipe, value, noun="recipe", option="field", invalid="merge recipe")
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:

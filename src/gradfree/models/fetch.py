@@ -28,7 +28,7 @@ from typing import Any
 
 from gradfree.base import paths
 from gradfree.base.errors import GradfreeError
-from gradfree.base.io import atomic_dir, sha256_file, write_json_atomic
+from gradfree.base.io import atomic_dir, sha256_file, share_folder, write_json_atomic
 from gradfree.models.registry import ModelEntry, get_entry
 
 RECORD_NAME = "gradfree_model.json"
@@ -186,22 +186,30 @@ def load_gguf(path: Path, dtype: Any = None, progress: bool = False) -> tuple[An
         model: Any = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype or torch.float32
         )
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    strip_quantizer(model)
     model.eval()
     return model, tok
 
 
-def _share(folder: Path) -> None:
-    """Give the folder and its files the usual umask permissions: the temporary folder and files
-    are created private (0700/0600), but a fetched model is meant for every user of the cache."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
+def strip_quantizer(model: Any) -> None:
+    """Drop the quantizer transformers attaches to a model loaded from GGUF (and its config
+    entry): the weights are dense already, and a model that still carries it refuses
+    ``save_pretrained``."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def save_checkpoint(model: Any, tokenizer: Any, folder: Path, progress: bool = False) -> None:
+    """Save ``model`` (quantizer stripped) and ``tokenizer`` (unless None) into ``folder`` as a
+    plain Hugging Face checkpoint that vanilla transformers loads. transformers' logs are
+    silenced, and its progress bars too unless ``progress``."""
+    strip_quantizer(model)
+    with quiet_transformers(progress):
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -239,9 +247,7 @@ def fetch_model(
                 # transformers' bars only on a terminal: in a log they are one endless line.
                 model, tok = load_gguf(gguf, progress=progress and sys.stderr.isatty())
             with steps.stage(f"save safetensors + tokenizer to {final}"):
-                with quiet_transformers(progress and sys.stderr.isatty()):
-                    model.save_pretrained(work)
-                    tok.save_pretrained(work)
+                save_checkpoint(model, tok, work, progress=progress and sys.stderr.isatty())
                 arch = type(model).__name__
                 model_type = str(model.config.model_type)
                 del model, tok
@@ -265,7 +271,7 @@ def fetch_model(
                     "files": files,
                 }
                 write_json_atomic(work / RECORD_NAME, record)
-                _share(work)
+                share_folder(work)  # a fetched model is for every user of the cache
     except Exception as e:
         if _is_disk_full(e):
             where = final.parent

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gradfree.base import paths
+from gradfree.base.configfile import DTYPES, check_device, check_dtype
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import sha256_file, sha256_text, write_json_atomic
 from gradfree.models.fetch import known_model_dir, load_gguf, quiet_transformers, read_record
@@ -28,7 +29,6 @@ from gradfree.models.registry import MODELS
 if TYPE_CHECKING:
     import torch
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Config keys that say how the model was loaded or saved, not what it is.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "_name_or_path"}
 _VOLATILE_CONFIG_KEYS |= {"quantization_config", "_commit_hash", "_attn_implementation_autoset"}
@@ -97,18 +97,13 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     """The torch dtype called ``dtype`` (one of DTYPES)."""
     import torch
 
-    if dtype not in DTYPES:
-        raise GradfreeError(f"Unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}.")
-    return getattr(torch, dtype)  # type: ignore[no-any-return]
+    return getattr(torch, check_dtype(dtype))  # type: ignore[no-any-return]
 
 
 def _check_device(device: str) -> Any:
     import torch
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise GradfreeError(f"'{device}' is not a torch device (try 'cpu' or 'cuda:0').") from None
+    dev = torch.device(check_device(device))
     # Only a device the user asked for is probed, so CPU runs never initialise CUDA.
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GradfreeError(f"Device '{device}' was requested but CUDA is not available here.")

@@ -1,24 +1,30 @@
 """Pure solvers shared by compression (teacher → student) and alignment: tensor in, tensor out.
 
-No model plumbing and no Hugging Face imports: every function takes matrices (often streamed
-statistics such as XᵀX, XᵀY or a teacher×student cross-moment) and returns matrices or numbers.
-Numerics follow :mod:`gradfree.base.numerics`: everything is computed in float64 and returned in
-float64 on the input's device, since results feed further solves and are folded into weights in
-float64 before the one final cast to the model's dtype; eigenvector signs are deterministic.
+No model plumbing, no Hugging Face and no capture imports: every function takes matrices (often
+streamed statistics such as XᵀX, XᵀY or a teacher×student cross-moment, which
+:mod:`gradfree.capture` turns into covariances) and returns matrices or numbers. Numerics follow
+:mod:`gradfree.base.numerics`: everything is computed in float64 and returned in float64 on the
+input's device, since results feed further solves and are folded into weights in float64 before
+the one final cast to the model's dtype; eigenvector signs are deterministic.
 
 Modules: ``procrustes`` (orthogonal / semi-orthogonal / block-diagonal Procrustes), ``pca``
 (principal bases), ``tiers`` (seed 000's trunk/residual basis and per-tier alignment),
-``grassmann`` (transition cost, principal angles, geodesic blend of bases), ``ridge`` (ridge
+``grassmann`` (transition costs, principal angles, geodesic blend of bases), ``ridge`` (ridge
 toward a prior from sufficient statistics, chunked for LM heads), ``assign`` (Hungarian matching,
-grouped, and Pearson correlation from statistics), ``layermap`` (linear CKA, monotone layer maps
-by dynamic programming), ``merge_alpha`` (closed-form merge weights), ``householder``
-(reflections as a closed-form refinement), ``information`` (Gaussian mutual information from
-canonical correlations, causal attention distributions and their KL), ``rope_pairs``
-(per-frequency-pair SO(2) rotations that commute with RoPE, and their Procrustes).
+grouped, and Pearson correlation from a cross-covariance), ``layermap`` (linear CKA from
+covariances, monotone layer maps by dynamic programming), ``merge_alpha`` (closed-form merge
+weights), ``householder`` (reflections as a closed-form refinement), ``information`` (Gaussian
+mutual information from canonical correlations, causal attention distributions and their KL),
+``rope_pairs`` (per-frequency-pair SO(2) rotations that commute with RoPE, and their Procrustes).
 """
 
-from gradfree.solvers.assign import correlation_from_stats, grouped_hungarian, hungarian
-from gradfree.solvers.grassmann import geodesic_average, principal_angles, transition_cost
+from gradfree.solvers.assign import correlation_from_covariance, grouped_hungarian, hungarian
+from gradfree.solvers.grassmann import (
+    geodesic_average,
+    principal_angles,
+    transition_cost,
+    transition_costs,
+)
 from gradfree.solvers.householder import (
     best_reflection,
     best_reflection_from_cross,
@@ -34,11 +40,7 @@ from gradfree.solvers.information import (
     kl_rows,
     mi_from_correlations,
 )
-from gradfree.solvers.layermap import (
-    linear_cka_from_moments,
-    linear_cka_from_stats,
-    monotone_layer_map,
-)
+from gradfree.solvers.layermap import linear_cka_from_moments, monotone_layer_map
 from gradfree.solvers.merge_alpha import (
     linear_loss_from_stats,
     optimal_alpha,
@@ -73,7 +75,7 @@ __all__ = [
     "blockwise_procrustes",
     "canonical_correlations",
     "causal_attention_logprobs",
-    "correlation_from_stats",
+    "correlation_from_covariance",
     "gaussian_mi_per_dim",
     "gaussian_mutual_information",
     "geodesic_average",
@@ -84,7 +86,6 @@ __all__ = [
     "joint_semi_orthogonal",
     "kl_rows",
     "linear_cka_from_moments",
-    "linear_cka_from_stats",
     "linear_loss_from_stats",
     "mi_from_correlations",
     "monotone_layer_map",
@@ -105,6 +106,7 @@ __all__ = [
     "rope_pair_procrustes",
     "semi_orthogonal_map",
     "transition_cost",
+    "transition_costs",
     "two_tier_basis",
     "variance_preserved",
 ]

@@ -2,10 +2,11 @@
 
 Seed 001 permutes attention heads and SwiGLU neurons before rotating; Git Re-Basin (Ainsworth et
 al. 2023) and Li et al. 2016 ("Convergent learning") match units by the correlation of their
-activations. :func:`correlation_from_stats` gives that correlation from streamed statistics,
-:func:`hungarian` the optimal one-to-one matching (scipy's ``linear_sum_assignment``), and
-:func:`grouped_hungarian` the matching restricted to groups (KV groups, stages) so that no unit
-moves across a group boundary.
+activations. :func:`correlation_from_covariance` gives that correlation (from streamed
+statistics: :func:`gradfree.capture.similarity.correlation_from_stats`), :func:`hungarian` the
+optimal one-to-one matching (scipy's ``linear_sum_assignment``), and :func:`grouped_hungarian`
+the matching restricted to groups (KV groups, stages) so that no unit moves across a group
+boundary.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.optimize
 import torch
-
-from gradfree.capture.stats import CrossStats, MomentStats
 
 
 def hungarian(similarity: torch.Tensor, maximize: bool = True) -> torch.Tensor:
@@ -61,29 +60,12 @@ def grouped_hungarian(
     return out
 
 
-def correlation_from_stats(
-    cross: CrossStats, stats_a: MomentStats, stats_b: MomentStats
+def correlation_from_covariance(
+    cov: torch.Tensor, sd_a: torch.Tensor, sd_b: torch.Tensor
 ) -> torch.Tensor:
-    """Pearson correlation (da×db) between the dimensions of two paired streams a and b.
-
-    corr[i, j] = Cov(a_i, b_j) / (σ(a_i) σ(b_j)), from ``cross`` (Σ a bᵀ) and the per-stream
-    moments (full or diagonal-only). A dimension whose variance is zero (below 1e-10·E[x²], the
-    resolution of raw moments) correlates 0 with everything.
+    """Pearson correlation cov[i, j] / (sd_a[i] sd_b[j]) from a centered cross-covariance (da×db)
+    and the two streams' standard deviations; a dimension with zero deviation correlates 0 with
+    everything. From streamed statistics: ``gradfree.capture.similarity.correlation_from_stats``.
     """
-    if not cross.count == stats_a.count == stats_b.count:
-        raise ValueError("the cross and per-stream statistics must cover the same tokens")
-    if (cross.dim_a, cross.dim_b) != (stats_a.dim, stats_b.dim):
-        raise ValueError("the cross statistics' widths do not match the per-stream statistics")
-    cov = cross.cross_covariance(centered=True)
-    sd_a, sd_b = _resolved_sd(stats_a).to(cov.device), _resolved_sd(stats_b).to(cov.device)
     denom = sd_a[:, None] * sd_b[None, :]
     return torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
-
-
-def _resolved_sd(stats: MomentStats) -> torch.Tensor:
-    # Var = E[x²] − μ² from raw sums carries a rounding error of ~1e-16·E[x²]: a constant
-    # dimension shows a tiny spurious variance (and covariance), whose ratio is noise. Variances
-    # below 1e-10·E[x²] cannot be resolved from raw moments and count as zero.
-    var = stats.variance(centered=True)
-    floor = 1e-10 * stats.variance(centered=False)
-    return torch.where(var > floor, var, torch.zeros_like(var)).sqrt()

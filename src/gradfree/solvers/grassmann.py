@@ -1,7 +1,8 @@
 """Comparing and blending per-layer orthonormal bases (Grassmann geometry).
 
-``transition_cost`` is seed 000's check that consecutive per-layer bases agree: the transition
-matrix T = V_bᵀ V_a between two bases is the identity when they coincide column by column.
+``transition_cost`` (``transition_costs`` along a stack of layers) is seed 000's check that
+consecutive per-layer bases agree: the transition matrix T = V_bᵀ V_a between two bases is the
+identity when they coincide column by column.
 
 ``geodesic_average`` blends two k-dimensional subspaces along the Grassmann geodesic (Edelman,
 Arias & Smith 1998, "The geometry of algorithms with orthogonality constraints"; Absil, Mahony &
@@ -12,7 +13,9 @@ task-specific rotations.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -35,6 +38,11 @@ def transition_cost(v_a: torch.Tensor, v_b: torch.Tensor) -> float:
     t = f64(v_b).T @ f64(v_a)
     eye = torch.eye(k, dtype=t.dtype, device=t.device)
     return float(torch.linalg.matrix_norm(t - eye)) / math.sqrt(k)
+
+
+def transition_costs(bases: Sequence[torch.Tensor]) -> list[float]:
+    """:func:`transition_cost` of each consecutive pair of per-layer bases (Q_l, Q_{l+1})."""
+    return [transition_cost(a, b) for a, b in itertools.pairwise(bases)]
 
 
 def principal_angles(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:

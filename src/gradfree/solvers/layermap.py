@@ -5,7 +5,7 @@ A layer map gives, for each student block j, the teacher block i whose *input* r
 proportional depth, i = round(j · L_t / L_s), which pairs block inputs at the same relative depth
 and maps 0 → 0. Explicit maps must be monotone non-decreasing and within range.
 
-Data-driven maps: linear CKA from moments and the best monotone student→teacher map.
+Data-driven maps: linear CKA from (cross-)covariances and the best monotone student→teacher map.
 
 Linear CKA (Kornblith et al. 2019, "Similarity of neural network representations revisited")
 between two representations of the same tokens, from centered (cross-)covariances:
@@ -28,27 +28,22 @@ import torch
 
 from gradfree.base.errors import GradfreeError
 from gradfree.base.numerics import f64
-from gradfree.capture.stats import CrossStats, MomentStats
 
 
 def linear_cka_from_moments(cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor) -> float:
     """‖C_xy‖_F² / (‖C_xx‖_F ‖C_yy‖_F) for centered covariances C_xx (dx×dx), C_yy (dy×dy) and
-    the centered cross-covariance C_xy (dx×dy) of the same tokens. In [0, 1]."""
+    the centered cross-covariance C_xy (dx×dy) of the same tokens. In [0, 1].
+
+    A ValueError when a side has zero variance (CKA is undefined there). From streamed
+    statistics: :func:`gradfree.capture.similarity.linear_cka_from_stats`.
+    """
     if cxy.shape != (cxx.shape[0], cyy.shape[0]):
         raise ValueError(f"cxy must be {cxx.shape[0]}×{cyy.shape[0]}, got {tuple(cxy.shape)}")
     denom = float(torch.linalg.matrix_norm(f64(cxx))) * float(torch.linalg.matrix_norm(f64(cyy)))
     if denom <= 0:
         raise ValueError("a representation has zero variance; CKA is undefined")
-    return float(torch.linalg.matrix_norm(f64(cxy)) ** 2) / denom
-
-
-def linear_cka_from_stats(cross: CrossStats, stats_x: MomentStats, stats_y: MomentStats) -> float:
-    """:func:`linear_cka_from_moments` from streamed statistics (full moments needed)."""
-    if not cross.count == stats_x.count == stats_y.count:
-        raise ValueError("the cross and per-stream statistics must cover the same tokens")
-    return linear_cka_from_moments(
-        stats_x.covariance(), stats_y.covariance(), cross.cross_covariance(centered=True)
-    )
+    c = f64(cxy)
+    return float((c * c).sum()) / denom  # the sum of squares, not a rounded norm squared
 
 
 def monotone_layer_map(

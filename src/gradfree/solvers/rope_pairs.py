@@ -16,8 +16,11 @@ tr(R_pᵀ C_p) = cos θ (C_ii + C_jj) + sin θ (C_ji − C_ij), maximised at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from gradfree.base.errors import GradfreeError
 from gradfree.base.numerics import f64
 
 
@@ -28,12 +31,19 @@ def _pair_index(h: int) -> tuple[torch.Tensor, torch.Tensor]:
     return i, i + h // 2
 
 
-def pair_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """R (h×h, h = 2·len(angles)): pair i = dims (i, i + h/2) turned by ``angles[i]`` as RoPE
-    turns it, (x_i, x_j) ↦ (x_i cos θ − x_j sin θ, x_i sin θ + x_j cos θ), i.e. x ↦ R x."""
-    a = f64(angles).reshape(-1)
-    i, j = _pair_index(2 * a.numel())
-    r = torch.zeros(2 * a.numel(), 2 * a.numel(), dtype=torch.float64, device=a.device)
+def pair_rotation(angles: torch.Tensor | Sequence[float], dim: int | None = None) -> torch.Tensor:
+    """R (dim×dim, by default dim = 2p for p = len(angles)): pair i = dims (i, i + p) turned by
+    ``angles[i]`` as RoPE turns it, (x_i, x_j) ↦ (x_i cos θ − x_j sin θ, x_i sin θ + x_j cos θ),
+    i.e. x ↦ R x. Dimensions from 2p on (partial rotary: a head wider than its rotary part) are
+    left alone."""
+    a = torch.as_tensor(angles, dtype=torch.float64).detach().reshape(-1)
+    p = a.numel()
+    dim = 2 * p if dim is None else dim
+    if 2 * p > dim:
+        raise GradfreeError(f"{p} frequency pairs do not fit in a head of dimension {dim}.")
+    i = torch.arange(p, device=a.device)
+    j = i + p
+    r = torch.eye(dim, dtype=torch.float64, device=a.device)
     r[i, i], r[i, j] = a.cos(), -a.sin()
     r[j, i], r[j, j] = a.sin(), a.cos()
     return r

@@ -25,17 +25,15 @@ checkpoint, reload check, ledger, report), :mod:`.transitions` (per-layer bases,
 from gradfree.surgery.exact import exact_rmsnorm
 from gradfree.surgery.fold import fuse_norms_, untie_
 from gradfree.surgery.heads import rotate_head_values_, rotate_qk_pairs_
-from gradfree.surgery.ledger import rotation_entry, rotation_hash, rotation_ledger
+from gradfree.surgery.ledger import orthogonality, rotation_entry, rotation_hash, rotation_ledger
 from gradfree.surgery.maths import (
     as_permutation,
     check_orthogonal,
     invert_permutation,
     is_orthogonal,
     orthogonality_error,
-    pair_rotation,
     random_orthogonal,
     random_permutation,
-    transition_costs,
 )
 from gradfree.surgery.permute import permute_heads_, permute_kv_groups_, permute_neurons_
 from gradfree.surgery.rotate import per_layer_rotation_error, rotate_per_layer_, rotate_residual_
@@ -48,8 +46,8 @@ __all__ = [
     "fuse_norms_",
     "invert_permutation",
     "is_orthogonal",
+    "orthogonality",
     "orthogonality_error",
-    "pair_rotation",
     "per_layer_rotation_error",
     "permute_heads_",
     "permute_kv_groups_",
@@ -64,6 +62,5 @@ __all__ = [
     "rotation_hash",
     "rotation_ledger",
     "slice_",
-    "transition_costs",
     "untie_",
 ]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from gradfree.base.errors import GradfreeError
+from gradfree.base.configfile import Device, DType, make_strict
 
 
 class SurgeryConfig(BaseModel):
@@ -47,8 +47,8 @@ class SurgeryConfig(BaseModel):
     eval_corpus: str | None = None
     eval_split: str | None = "heldout"
     eval_limit: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: Device = "cpu"
+    dtype: DType = "float32"
 
     @model_validator(mode="after")
     def _consistent(self) -> SurgeryConfig:
@@ -86,14 +86,5 @@ class SurgeryConfig(BaseModel):
 
 def make_surgery_config(**kw: Any) -> SurgeryConfig:
     """A validated :class:`SurgeryConfig`; a bad field is one :class:`GradfreeError` sentence."""
-    try:
-        return SurgeryConfig(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        if err["type"] == "extra_forbidden":
-            raise GradfreeError(f"Unknown surgery option '{err['loc'][0]}'.") from None
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        where = ".".join(str(p) for p in err["loc"])
-        if err["type"] != "value_error" and where:
-            msg = f"{where}: {msg}"
-        raise GradfreeError(f"Invalid {kw.get('command', 'surgery')} options: {msg}.") from None
+    command = kw.get("command", "surgery")
+    return make_strict(SurgeryConfig, kw, noun="surgery", invalid=f"{command} options")

@@ -31,6 +31,7 @@ from gradfree.adapters import get_adapter
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import atomic_dir, check_new_output, sha256_file, write_json_atomic
 from gradfree.base.provenance import Stopwatch, versions
+from gradfree.models.fetch import save_checkpoint
 from gradfree.surgery import basis as B
 from gradfree.surgery.config import SurgeryConfig
 from gradfree.surgery.fold import fuse_norms_, untie_
@@ -69,9 +70,11 @@ def read_matrix(path: str | Path) -> torch.Tensor:
 
 def check_windows(tokenizer: Any, docs: list[Any], n: int, length: int) -> torch.Tensor:
     """``n`` consecutive windows of ``length`` tokens from the documents (joined in order)."""
+    from gradfree.texts.windows import document_text, encode
+
     ids: list[int] = []
     for d in docs:
-        ids.extend(tokenizer(d.text)["input_ids"])
+        ids.extend(encode(tokenizer, document_text(d)))
         if len(ids) >= n * length:
             break
     n = min(n, len(ids) // length)
@@ -242,18 +245,6 @@ def _slice(
     return result, ledger
 
 
-def _save(model: Any, tok: Any, folder: Path) -> None:
-    from gradfree.models.fetch import quiet_transformers
-
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # models converted from GGUF keep a quantizer that blocks saving
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with quiet_transformers(progress=False):
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-
-
 def _reload(folder: Path, cfg: SurgeryConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -316,7 +307,7 @@ def run_surgery(
         mem = _logits(model, ids)
     with atomic_dir(out, overwrite) as tmp:
         with watch.stage("save"):
-            _save(model, tok, tmp)
+            save_checkpoint(model, tok, tmp)
         del model, loaded
         with watch.stage("reload (plain transformers)"):
             back = _reload(tmp, cfg)
@@ -338,7 +329,7 @@ def run_surgery(
             "before": params_before,
             "after": _params(back),
             "hidden_before": d,
-            "hidden_after": int(back.config.hidden_size),
+            "hidden_after": get_adapter(back).hidden_size,
         }
         del back
         record = {

@@ -26,9 +26,8 @@ from gradfree.surgery.edit import effective_scale, residual_norms, scale_inputs_
 def untie_(model: nn.Module) -> dict[str, Any]:
     """Give the LM head its own copy of the embedding matrix; ``{"untied": True}`` if it was tied.
 
-    Also sets ``config.tie_word_embeddings = False`` and clears the model's record of tied keys:
-    transformers 5 ties at load time from the config, and re-ties on ``tie_weights()`` from
-    ``all_tied_weights_keys``, so both must agree with the now separate head.
+    The config and the model's record of tied keys are made to agree with the now separate head
+    (:meth:`~gradfree.adapters.ModelAdapter.mark_untied_`), so a saved checkpoint reloads untied.
     """
     a = get_adapter(model)
     was_tied = a.tied
@@ -37,11 +36,7 @@ def untie_(model: nn.Module) -> dict[str, Any]:
         head.weight = nn.Parameter(
             a.embed_tokens.weight.detach().clone(), requires_grad=head.weight.requires_grad
         )
-    if getattr(a.config, "tie_word_embeddings", False):
-        a.config.tie_word_embeddings = False
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    if expand is not None and hasattr(model, "all_tied_weights_keys"):
-        model.all_tied_weights_keys = expand(all_submodels=False)
+    a.mark_untied_()
     return {"op": "untie", "untied": was_tied}
 
 

@@ -23,9 +23,10 @@ from torch import nn
 
 from gradfree.adapters import get_adapter
 from gradfree.base.errors import GradfreeError
+from gradfree.solvers.rope_pairs import pair_rotation
 from gradfree.surgery.edit import block, f64, param, transform_inputs_, transform_outputs_
 from gradfree.surgery.ledger import rotation_entry
-from gradfree.surgery.maths import block_indices, check_orthogonal, pair_rotation
+from gradfree.surgery.maths import block_indices, check_orthogonal
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 Each entry says where a rotation went (name, layer), how orthogonal it really is (``max |RᵀR −
 I|``, extreme singular values) and carries a sha256 of its float64 bytes, so an output folder can
 prove which rotation produced it and two runs can be compared without storing the matrices.
+The alignment ledger (:mod:`gradfree.align.ledger`) records the same hash and :func:`orthogonality`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ def rotation_hash(r: torch.Tensor) -> str:
     """sha256 of the matrix as contiguous little-endian float64 bytes, row-major."""
     arr = r.detach().to(torch.float64).cpu().contiguous().numpy()
     return sha256_bytes(arr.astype("<f8", copy=False).tobytes())
+
+
+def orthogonality(r: torch.Tensor) -> dict[str, float]:
+    """max |RᵀR − I| and max |RRᵀ − I| in float64, for a square matrix (the alignment ledger's
+    per-matrix record; :func:`rotation_entry` keeps the one-sided error and singular values)."""
+    r64 = r.detach().to(torch.float64)
+    return {
+        "max_abs_rtr_minus_i": orthogonality_error(r64),
+        "max_abs_rrt_minus_i": orthogonality_error(r64.T),
+    }
 
 
 def rotation_entry(r: torch.Tensor, name: str, layer: int | None = None) -> dict[str, Any]:

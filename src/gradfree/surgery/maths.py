@@ -1,14 +1,14 @@
-"""Pure maths for function-preserving surgery: orthogonal matrices, permutations, pair rotations.
+"""Pure maths for function-preserving surgery: orthogonal matrices and permutations.
 
 Tensor in, tensor out: nothing here touches a model, so every function is tested on its own.
 Following the numerics policy (:mod:`gradfree.base.numerics`), matrices are built and checked in
-float64; callers cast to the model's dtype only when they write weights.
+float64; callers cast to the model's dtype only when they write weights. RoPE pair rotations
+and the transition cost between bases are solvers (:mod:`gradfree.solvers.rope_pairs`,
+:mod:`gradfree.solvers.grassmann`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -84,34 +84,3 @@ def block_indices(blocks: Permutation, size: int) -> torch.Tensor:
     """Row indices of ``blocks`` (e.g. heads) of ``size`` consecutive rows each, in that order."""
     b = torch.as_tensor(blocks, dtype=torch.long).flatten()
     return (b[:, None] * size + torch.arange(size)[None, :]).flatten()
-
-
-def pair_rotation(angles: torch.Tensor | Sequence[float], dim: int) -> torch.Tensor:
-    """A ``dim x dim`` rotation turning each RoPE frequency pair by its own angle.
-
-    In Hugging Face's rotate-half layout with ``p = len(angles)`` pairs, dimension ``i`` pairs
-    with ``i + p``; pair ``i`` becomes ``(x_i cos φ_i − x_{i+p} sin φ_i, x_i sin φ_i + x_{i+p}
-    cos φ_i)``, the same form as RoPE's own rotation, so the two commute. Dimensions from
-    ``2p`` on (partial rotary) are left alone.
-    """
-    phi = torch.as_tensor(angles, dtype=torch.float64).flatten()
-    p = phi.numel()
-    if 2 * p > dim:
-        raise GradfreeError(f"{p} frequency pairs do not fit in a head of dimension {dim}.")
-    r = torch.eye(dim, dtype=torch.float64)
-    i = torch.arange(p)
-    c, s = torch.cos(phi), torch.sin(phi)
-    r[i, i], r[i, i + p] = c, -s
-    r[i + p, i], r[i + p, i + p] = s, c
-    return r
-
-
-def transition_costs(qs: Sequence[torch.Tensor]) -> list[float]:
-    """``‖Q_{l+1}ᵀ Q_l − I‖_F / √d`` for consecutive bases: how far each per-layer basis change
-    is from the identity (0 when the two layers share a basis)."""
-    out = []
-    for prev, nxt in itertools.pairwise(qs):
-        a, b = prev.detach().to(torch.float64), nxt.detach().to(torch.float64)
-        eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
-        out.append(float(torch.linalg.norm(b.T @ a - eye) / math.sqrt(a.shape[0])))
-    return out

@@ -13,9 +13,8 @@ def _ppl_row(name: str, p: dict[str, Any]) -> str:
     return f"| {name} | {p['ppl']:.4f} | {p['tokens']} |"
 
 
-def render(record: dict[str, Any], timing: str) -> str:
-    cfg, res = record["config"], record["result"]
-    chk = res["check"]
+def _summary(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """Title, the basis and the norm fusion."""
     lines = [f"# gradfree {cfg['command']}: {cfg['model']}", ""]
     b = res["basis"]
     if b["kind"] == "pca":
@@ -32,7 +31,12 @@ def render(record: dict[str, Any], timing: str) -> str:
         f"Norms fused: {f['folded']} (max |w - 1| was {f['max_norm_weight_deviation']:.3g}); "
         f"head untied: {f['untied']}."
     )
-    lines += ["", "## Check on real text", ""]
+    return lines
+
+
+def _check(cfg: dict[str, Any], chk: dict[str, Any]) -> list[str]:
+    """The reload check on real text and whether the output is exact."""
+    lines = ["", "## Check on real text", ""]
     lines.append(
         f"{chk['windows']} windows of {chk['tokens_per_window']} tokens from "
         f"`{cfg['check_corpus']}` ({cfg['check_split']}); the output folder reloaded with plain "
@@ -58,65 +62,86 @@ def render(record: dict[str, Any], timing: str) -> str:
             else "slicing drops residual dimensions, so the logits change."
         ),
     ]
-    if "slice" in res:
-        s = res["slice"]
-        lines += [
-            "",
-            "## Slicing",
-            "",
-            f"Requested fraction {s['requested_fraction']} → width {s['requested_width']}; "
-            f"used width {s['width']} ({s['width_note']}); actual fraction "
-            f"{s['actual_fraction']:.4f}.",
-        ]
-        for st in s["stages"]:
-            lines.append(
-                f"- {st['from']} → {st['to']}: keeps {st['kept_energy']:.4f} of the "
-                f"calibration energy; reader scale {st['reader_scale']:.4f}"
-            )
-        if s["recompute"]:
-            lines.append(f"- recompute: {s['recompute']}")
-        p = res["params"]
-        lines += [
-            "",
-            f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
-            "",
-            "| model | held-out perplexity | tokens |",
-            "|---|---:|---:|",
-            _ppl_row("dense", res["dense_perplexity"]),
-            _ppl_row("sliced", res["sliced_perplexity"]),
-            "",
-            f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
-        ]
-    if "per_layer" in res:
-        pl = res["per_layer"]
-        lines += [
-            "",
-            "## Per-layer bases (simulation, not a checkpoint)",
-            "",
-            f"- transitions kept ({pl['with_transitions']['kind']}): max rel logits diff "
-            f"{pl['with_transitions']['max_rel']:.3g}",
-            f"- transitions dropped (**approximation**): max rel "
-            f"{pl['without_transitions']['max_rel']:.3g}, Frobenius rel "
-            f"{pl['without_transitions']['fro_rel']:.3g}",
-            f"- cost of keeping them: {pl['extra_params']:,} extra parameters "
-            f"({100 * pl['extra_params_share']:.1f}% of the model), "
-            f"{pl['extra_flops_per_token']:,} extra FLOPs per token",
-            f"- transition cost ‖Q_{{l+1}}ᵀQ_l − I‖_F/√d: max "
-            f"{max(pl['transition_cost'] or [0.0]):.3f}",
-        ]
+    return lines
+
+
+def _slicing(res: dict[str, Any]) -> list[str]:
+    """Widths, stages, parameters and held-out perplexity of a slice."""
+    s = res["slice"]
+    lines = [
+        "",
+        "## Slicing",
+        "",
+        f"Requested fraction {s['requested_fraction']} → width {s['requested_width']}; "
+        f"used width {s['width']} ({s['width_note']}); actual fraction "
+        f"{s['actual_fraction']:.4f}.",
+    ]
+    for st in s["stages"]:
+        lines.append(
+            f"- {st['from']} → {st['to']}: keeps {st['kept_energy']:.4f} of the "
+            f"calibration energy; reader scale {st['reader_scale']:.4f}"
+        )
+    if s["recompute"]:
+        lines.append(f"- recompute: {s['recompute']}")
+    p = res["params"]
     lines += [
+        "",
+        f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
+        "",
+        "| model | held-out perplexity | tokens |",
+        "|---|---:|---:|",
+        _ppl_row("dense", res["dense_perplexity"]),
+        _ppl_row("sliced", res["sliced_perplexity"]),
+        "",
+        f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
+    ]
+    return lines
+
+
+def _per_layer(pl: dict[str, Any]) -> list[str]:
+    """The per-layer bases study (simulated: no checkpoint)."""
+    return [
+        "",
+        "## Per-layer bases (simulation, not a checkpoint)",
+        "",
+        f"- transitions kept ({pl['with_transitions']['kind']}): max rel logits diff "
+        f"{pl['with_transitions']['max_rel']:.3g}",
+        f"- transitions dropped (**approximation**): max rel "
+        f"{pl['without_transitions']['max_rel']:.3g}, Frobenius rel "
+        f"{pl['without_transitions']['fro_rel']:.3g}",
+        f"- cost of keeping them: {pl['extra_params']:,} extra parameters "
+        f"({100 * pl['extra_params_share']:.1f}% of the model), "
+        f"{pl['extra_flops_per_token']:,} extra FLOPs per token",
+        f"- transition cost ‖Q_{{l+1}}ᵀQ_l − I‖_F/√d: max "
+        f"{max(pl['transition_cost'] or [0.0]):.3f}",
+    ]
+
+
+def _ledger(ledger: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "## Rotation ledger",
         "",
         "| name | layer | shape | max abs(RᵀR − I) | σ min | σ max | sha256 |",
         "|---|---|---|---:|---:|---:|---|",
     ]
-    for e in record["ledger"]:
+    for e in ledger:
         lines.append(
             f"| {e['name']} | {e['layer']} | {e['shape'][0]}x{e['shape'][1]} | "
             f"{e['orthogonality_error']:.2e} | {e['sv_min']:.6f} | {e['sv_max']:.6f} | "
             f"`{e['sha256'][:16]}` |"
         )
+    return lines
+
+
+def render(record: dict[str, Any], timing: str) -> str:
+    cfg, res = record["config"], record["result"]
+    lines = _summary(cfg, res) + _check(cfg, res["check"])
+    if "slice" in res:
+        lines += _slicing(res)
+    if "per_layer" in res:
+        lines += _per_layer(res["per_layer"])
+    lines += _ledger(record["ledger"])
     lines += ["", "## Time and memory", "", timing, ""]
     return "\n".join(lines)
 

@@ -33,10 +33,11 @@ from torch import nn
 
 from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
 from gradfree.base.errors import GradfreeError
+from gradfree.solvers.grassmann import transition_costs
 from gradfree.surgery.edit import require_unit_norms, transform_inputs_, transform_outputs_
 from gradfree.surgery.fold import fuse_norms_
 from gradfree.surgery.ledger import rotation_entry
-from gradfree.surgery.maths import check_orthogonal, transition_costs
+from gradfree.surgery.maths import check_orthogonal
 
 
 def _rotate_block_(layer: LayerAdapter, q: torch.Tensor) -> None:

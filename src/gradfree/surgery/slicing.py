@@ -21,14 +21,13 @@ slice is an approximation, and its error is the energy the rotation left outside
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradfree.adapters import get_adapter
+from gradfree.adapters import config_for_width, get_adapter
 from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import (
     all_norms,
@@ -47,15 +46,13 @@ from gradfree.surgery.fold import untie_
 from gradfree.surgery.rotate import rotate_residual_
 
 
-def _check_config(config: Any, values: dict[str, Any]) -> None:
-    """Refuse, before touching any weight, a width that transformers would not save or load.
+def _check_config(trial: Any) -> None:
+    """Refuse, before touching any weight, a width (``trial``: the config as it would be after
+    slicing) that transformers would not save or load.
 
     (transformers 5.23's LlamaConfig, for one, insists that hidden_size is a multiple of the
     number of attention heads even when head_dim is explicit.)
     """
-    trial = copy.deepcopy(config)
-    for key, value in values.items():
-        setattr(trial, key, value)
     validate = getattr(trial, "validate", None)
     if validate is None:
         return
@@ -64,16 +61,14 @@ def _check_config(config: Any, values: dict[str, Any]) -> None:
     except Exception as e:  # transformers wraps its ValueError in a hub validation error
         cause = e.__cause__ or e
         raise GradfreeError(
-            f"transformers refuses hidden_size {values['hidden_size']} for this model: {cause}"
+            f"transformers refuses hidden_size {trial.hidden_size} for this model: {cause}"
         ) from e
 
 
 def allowed_width(config: Any, k: int) -> bool:
     """Whether transformers accepts hidden size ``k`` for a model of ``config`` (see above)."""
-    d = int(config.hidden_size)
-    head_dim = getattr(config, "head_dim", None) or d // int(config.num_attention_heads)
     try:
-        _check_config(config, {"hidden_size": k, "head_dim": int(head_dim)})
+        _check_config(config_for_width(config, k))
     except GradfreeError:
         return False
     return True
@@ -96,9 +91,9 @@ def slice_(model: nn.Module, k: int, q: torch.Tensor | None = None) -> dict[str,
 
     ``q`` (optional, d x d orthogonal) is applied first with :func:`rotate_residual_`; its
     leading ``k`` columns are the kept basis. Norm weights must be 1 (run ``fuse_norms_``).
-    A tied head is untied (the head is rescaled, the embeddings are not). Updates
-    ``config.hidden_size``, ``config.rms_norm_eps`` and writes ``config.head_dim`` explicitly
-    (Llama/Qwen2 would otherwise derive it from the new hidden size).
+    A tied head is untied (the head is rescaled, the embeddings are not). The config
+    records the new width and epsilon (:meth:`~gradfree.adapters.ModelAdapter.set_width_`;
+    head_dim is written explicitly, as Llama/Qwen2 would otherwise derive it from the width).
     """
     a = get_adapter(model)
     d = a.hidden_size
@@ -107,8 +102,7 @@ def slice_(model: nn.Module, k: int, q: torch.Tensor | None = None) -> dict[str,
     geometry = a.geometry  # read before hidden_size changes
     eps = a.norm_eps
     new_eps = eps * d / k
-    new_config = {"hidden_size": k, "head_dim": geometry.head_dim, "rms_norm_eps": new_eps}
-    _check_config(a.config, new_config)
+    _check_config(config_for_width(a.config, k, new_eps))
     if any(not math.isclose(norm_eps(n), eps, rel_tol=1e-6) for n in all_norms(a).values()):
         raise GradfreeError("Slicing needs every RMSNorm to use the config's rms_norm_eps.")
     ledger: dict[str, Any] = {"op": "slice", "from": d, "to": k}
@@ -135,7 +129,6 @@ def slice_(model: nn.Module, k: int, q: torch.Tensor | None = None) -> dict[str,
         assign_(norm, "weight", f64(param(norm))[:k])
     for norm in all_norms(a).values():
         set_norm_eps_(norm, new_eps)
-    for key, value in new_config.items():
-        setattr(a.config, key, value)
+    a.set_width_(k, new_eps)
     ledger.update({"reader_scale": c, "rms_norm_eps": new_eps, "head_dim": geometry.head_dim})
     return ledger

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from gradfree.adapters import get_adapter
+from gradfree.solvers.grassmann import transition_costs
 from gradfree.surgery.basis import pca_rotation
 from gradfree.surgery.edit import require_unit_norms
-from gradfree.surgery.maths import transition_costs
 from gradfree.surgery.rotate import _rotate_block_, _rotate_ends_, per_layer_rotation_error
 
 

@@ -1,2 +1,3 @@
-"""Offline test fixtures built in code: tiny models and tokenizer (:mod:`.tiny`) and planted
-teacher/student problems whose exact answer is known (:mod:`.planted`)."""
+"""Offline test fixtures built in code: tiny models and tokenizer (:mod:`.tiny`), planted
+teacher/student problems whose exact answer is known (:mod:`.planted`), and the scramble of every
+exact surgery transform at once (:mod:`.scramble`)."""

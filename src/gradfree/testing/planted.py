@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfree.adapters import get_adapter
+from gradfree.adapters import config_for_width, get_adapter, untie_config_
 from gradfree.base.numerics import f64
 from gradfree.surgery import fuse_norms_, permute_heads_, permute_neurons_
 from gradfree.surgery.edit import assign_, maybe_param, param, set_norm_eps_
@@ -38,11 +38,8 @@ def embed_student(
     d_s = s.hidden_size
     q = random_orthogonal(d_teacher, seed)
     qs = q[:, :d_s]  # x_T = Q [x_S; 0] = Qs x_S
-    cfg: Any = copy.deepcopy(src.config)
-    cfg.hidden_size = d_teacher
-    cfg.head_dim = s.geometry.head_dim
-    cfg.rms_norm_eps = s.norm_eps * d_s / d_teacher
-    cfg.tie_word_embeddings = False
+    eps = s.norm_eps * d_s / d_teacher
+    cfg: Any = untie_config_(config_for_width(src.config, d_teacher, eps))
     teacher = AutoModelForCausalLM.from_config(cfg, dtype=param(s.embed_tokens).dtype).eval()
     t = get_adapter(teacher)
     g = torch.Generator().manual_seed(seed + 7)

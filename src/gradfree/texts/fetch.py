@@ -10,7 +10,6 @@ Python's ``pydoc_data.topics``. Splits are deterministic (see each parser).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -27,7 +26,7 @@ import yaml
 
 from gradfree import __version__
 from gradfree.base.errors import GradfreeError
-from gradfree.base.io import atomic_dir, sha256_file, write_json_atomic
+from gradfree.base.io import atomic_dir, sha256_file, share_folder, write_json_atomic
 from gradfree.texts.corpora import CORPORA, DOCS_FILE, MANIFEST_FILE, Document, corpus_manifest
 
 PACKAGES = {
@@ -221,16 +220,6 @@ def build_corpus(name: str, progress: bool = False) -> tuple[list[Document], dic
         return parse(archive), source
 
 
-def _share(folder: Path) -> None:
-    """Usual umask permissions on the folder and its files (the temp folder is made private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
-
-
 def write_corpus(final: Path, docs: list[Document], name: str, source: dict[str, Any]) -> None:
     """Write ``docs.jsonl`` + ``manifest.json`` into ``final`` atomically (temp folder, rename)."""
     with atomic_dir(final, overwrite=True) as work:
@@ -249,4 +238,4 @@ def write_corpus(final: Path, docs: list[Document], name: str, source: dict[str,
             "gradfree_version": __version__,
         }
         write_json_atomic(work / MANIFEST_FILE, manifest)
-        _share(work)
+        share_folder(work)
