@@ -339,7 +339,7 @@ def test_recapture_without_documents_fails_in_one_sentence(tiny_pair: dict[str, 
     recipe = make_recipe(proj.recipe, merge="ridge", ridge_recapture=True)
     msg = (
         r"^ridge_recapture needs the calibration documents and their tokenizer: pass "
-        r"documents= and tokenizer= to merge\(\) or solve\(\)\.$"
+        r"documents= and tokenizer= to interpolate\(\) or solve\(\)\.$"
     )
     with pytest.raises(GradfreeError, match=msg):
         interpolate(proj, t, s, cap, recipe)
