@@ -1,11 +1,15 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+# `make experiments` runs the research studies (hours); each is also a target of its own.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/demo
 DEMO_ARGS ?=
+RUNS   ?= runs
+PAIR   := --teacher qwen2.5-coder-1.5b-instruct --student qwen2.5-coder-0.5b-instruct
+STUDIES := seed000 ablation data-efficiency transfer composability slicing
 
-.PHONY: install test lint typecheck unit slow demo bench clean
+.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,8 +39,40 @@ slow: install
 demo: install
 	$(VENV)/bin/gradfree demo --out $(OUT) --overwrite $(DEMO_ARGS)
 
+# The research studies on the real pair, one after another (times in docs/RESULTS.md). The
+# experiment matrices resume where they stopped; the ablation and slicing rerun from scratch.
+experiments: $(addprefix experiment-,$(STUDIES))
+
+# the pair, the slicing study's SmolLM2 and every public text (each fetched once)
+study-inputs: install
+	$(VENV)/bin/gradfree models fetch qwen2.5-coder-1.5b-instruct
+	$(VENV)/bin/gradfree models fetch qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/gradfree models fetch smollm2-135m-instruct
+	$(VENV)/bin/gradfree data fetch all
+
+experiment-seed000: study-inputs
+	$(VENV)/bin/gradfree experiment --config experiments/seed000.yaml --out $(RUNS)/seed000 --resume
+
+experiment-data-efficiency: study-inputs
+	$(VENV)/bin/gradfree experiment --config experiments/data_efficiency.yaml --out $(RUNS)/data_efficiency --resume
+
+experiment-transfer: study-inputs
+	$(VENV)/bin/gradfree experiment --config experiments/transfer.yaml --out $(RUNS)/transfer --resume
+
+experiment-composability: study-inputs
+	$(VENV)/bin/gradfree experiment --config experiments/composability.yaml --out $(RUNS)/composability --resume
+
+experiment-ablation: study-inputs
+	$(VENV)/bin/gradfree ablate $(PAIR) --config experiments/ablation.yaml --out $(RUNS)/ablation --overwrite
+
+experiment-slicing: study-inputs
+	mkdir -p $(RUNS)/slicing
+	$(PY) scripts/bench_slice.py --models smollm2-135m-instruct --calib-tokens 8000 --eval-tokens 2000 --recompute 0.25 --json $(RUNS)/slicing/smollm2-135m.json
+	$(PY) scripts/bench_slice.py --models qwen2.5-coder-0.5b-instruct --calib-tokens 8000 --eval-tokens 2000 --recompute 0.25 --json $(RUNS)/slicing/qwen2.5-coder-0.5b.json
+
 bench: install
 	$(PY) scripts/bench_capture.py
+	$(PY) scripts/bench_capture.py --only sequential
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -16,6 +16,15 @@ threads spin when cores are oversubscribed): run it on an idle one for the recor
     .venv/bin/python scripts/bench_capture.py          # 8k tokens timed, best of 3; RSS at 2k-32k
     .venv/bin/python scripts/bench_capture.py --quick  # 1k tokens timed once; RSS at 512, 1k, 2k
 
+3. Sequential (``--only sequential``): the same capture (default sites, 32 tour-guide
+   calibration blurbs) of the 1.5B teacher, whole-model (``load_model``) against layer by layer
+   (``--sequential``: one block's weights in memory at a time), each in its own subprocess: peak
+   RSS of the child (``ru_maxrss``: imports, loading and the capture), its wall time, and the
+   largest relative difference of any statistic between the two captures.
+   Goal: sequential ≤ 30 % of the whole-model peak RSS at ≤ 1.5× its wall time.
+
+    .venv/bin/python scripts/bench_capture.py --only sequential
+
 Not part of the test suite. Prints a markdown table.
 """
 
@@ -200,18 +209,112 @@ def main() -> None:
     p.add_argument("--rss-tokens", default="2048,8192,32768")
     p.add_argument("--repeats", type=int, default=3, help="Timing repeats (fastest reported).")
     p.add_argument("--quick", action="store_true", help="1k tokens timed; RSS at 512, 1k, 2k.")
-    p.add_argument("--only", choices=("timing", "rss"), help="Run one of the two parts.")
+    p.add_argument("--only", choices=("timing", "rss", "sequential"), help="Run one part.")
+    p.add_argument("--seq-model", default="qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--seq-limit", type=int, default=32, help="Documents of the sequential part.")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--seq-child", choices=("whole", "sequential"), help=argparse.SUPPRESS)
+    p.add_argument("--seq-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.timing_tokens, args.rss_tokens, args.repeats = 1024, "512,1024,2048", 1
     if args.child:
         _child(args)
         return
+    if args.seq_child:
+        _seq_child(args)
+        return
+    if args.only == "sequential":
+        _sequential_table(args)
+        return
     if args.only != "rss":
         _timing(args)
     if args.only != "timing":
         _rss_table(args)
+
+
+def _seq_child(args: argparse.Namespace) -> None:
+    """One capture of the sequential comparison, whole or sequential, in this process."""
+    t0 = time.perf_counter()
+    from gradfree.capture.corpus import capture_corpus
+    from gradfree.capture.sequential import capture_corpus_sequential
+
+    run = capture_corpus_sequential if args.seq_child == "sequential" else capture_corpus
+    cap = run(
+        args.seq_model,
+        args.corpus,
+        args.seq_out,
+        {"max_length": args.max_length, "batch_size": args.batch_size},
+        split=args.split,
+        limit=args.seq_limit,
+        device=args.device,
+        dtype=args.dtype,
+        progress=False,
+    )
+    result = {
+        "wall_s": time.perf_counter() - t0,  # imports, loading, capture and writing
+        "loop_s": cap.manifest["seconds"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens": cap.tokens("model"),
+        "windows": cap.manifest["windows"],
+    }
+    print("RESULT " + json.dumps(result))
+
+
+def _max_rel_diff(a: Any, b: Any) -> float:
+    """The largest relative difference (max |Δ| / max |x| per tensor) over every statistic."""
+    worst = 0.0
+    for key in a.keys("model"):
+        for part in ("head", "body"):
+            sa, sb = a.stats("model", key, part), b.stats("model", key, part)
+            for f in ("sum", "m2", "m3", "m4", "absmax"):
+                x, y = getattr(sa, f), getattr(sb, f)
+                scale = float(x.abs().max())
+                worst = max(worst, float((x - y).abs().max()) / scale if scale else 0.0)
+    return worst
+
+
+def _sequential_table(args: argparse.Namespace) -> None:
+    from gradfree.capture import load_capture
+    from gradfree.models import MODELS, is_fetched
+
+    if args.seq_model in MODELS and not is_fetched(args.seq_model):
+        print(
+            f"Model {args.seq_model} is not fetched; run `gradfree models fetch {args.seq_model}`."
+        )
+        return
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("whole", "sequential"):
+            out = Path(tmp) / mode
+            cmd = [sys.executable, __file__, "--seq-child", mode, "--seq-out", str(out)]
+            for flag in ("seq_model", "seq_limit", "corpus", "split", "device", "dtype"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            cmd += ["--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{mode} capture failed: {proc.stderr.strip().splitlines()[-3:]}")
+                return
+            rows[mode] = json.loads(line[len("RESULT ") :])
+        diff = _max_rel_diff(
+            load_capture(Path(tmp) / "whole"), load_capture(Path(tmp) / "sequential")
+        )
+    w = rows["whole"]
+    print(
+        f"\n## Whole-model vs sequential capture ({args.seq_model}, {args.device}, {args.dtype}, "
+        f"{args.corpus}:{args.split} limit {args.seq_limit}: {w['tokens']} tokens in "
+        f"{w['windows']} windows, default sites)\n"
+    )
+    print("| capture | peak RSS (MB) | vs whole | wall (s) | vs whole | capture loop (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, r in rows.items():
+        print(
+            f"| {mode} | {r['peak_rss_mb']:.0f} "
+            f"| {100 * r['peak_rss_mb'] / w['peak_rss_mb']:.0f} % "
+            f"| {r['wall_s']:.1f} | {r['wall_s'] / w['wall_s']:.2f}× | {r['loop_s']:.1f} |"
+        )
+    print(f"\nlargest relative difference of any statistic: {diff:.2e}")
 
 
 def _timing(args: argparse.Namespace) -> None:

@@ -62,10 +62,12 @@ def run_align(
     *,
     overwrite: bool = False,
     say: Any = None,
+    save_format: str = "safetensors",
 ) -> Path:
     """Fit on the calibration corpus, fold the chosen steps into the student, save
-    ``model/`` (a plain checkpoint), ``rotations/<run_id>/``, ``manifest.json``,
-    ``config.json``, ``align.json`` and ``report.md`` into ``out``."""
+    ``model/`` (a plain checkpoint; ``save_format`` "fp8": Qwen's block-FP8 format),
+    ``rotations/<run_id>/``, ``manifest.json``, ``config.json``, ``align.json`` and
+    ``report.md`` into ``out``."""
     from gradfree.base.io import atomic_dir, write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.models.fetch import save_checkpoint
@@ -86,13 +88,14 @@ def run_align(
             ops = apply_plan_(model, plan, **toggles)
             probe = token_windows(student.tokenizer, docs[:1], 64, 1)[0]
             change = _logit_change(student.model, model, probe)
-            save_checkpoint(model, student.tokenizer, tmp / "model")
+            save_checkpoint(model, student.tokenizer, tmp / "model", weight_format=save_format)
         ledger = write_ledger(tmp, run_id, plan, applied_bases(plan, toggles))
         preserving = function_preserving(toggles)
         record = {
             "run_id": run_id,
             "toggles": toggles,
             "function_preserving": preserving,
+            "save_format": save_format,
             "max_relative_logit_change": change,
             "k": plan.k,
             "layer_map": plan.layer_map,

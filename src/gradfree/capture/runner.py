@@ -47,6 +47,7 @@ from gradfree.capture.store import (
     moment_shard,
     verify_shards,
 )
+from gradfree.models.lazy import LazyModel
 
 
 @dataclass
@@ -94,7 +95,12 @@ def _batches(plan: Plan) -> Iterator[list[_Window]]:
 class Accumulation:
     """The running statistics of one capture and the hook sinks that feed them."""
 
-    def __init__(self, plan: Plan, stats_device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        stats_device: str | torch.device | None = None,
+        allocate: bool = True,
+    ) -> None:
         self.plan, self.cfg = plan, plan.config
         self.parts = ("head", "body") if self.cfg.has_head else ("body",)
         self.acc = Accumulators()
@@ -105,20 +111,27 @@ class Accumulation:
         for role, rp in plan.roles.items():
             # Statistics live with the model, except where float64 is unsupported (Apple MPS).
             dev = torch.device(stats_device) if stats_device else rp.device
-            dev = self.dev[role] = torch.device("cpu") if dev.type == "mps" else dev
-            self.acc.moments[role] = {
-                k: {p: MomentStats.empty(rp.widths[k], rp.full[k], dev) for p in self.parts}
-                for k in rp.keys
-            }
-        if plan.paired:
-            t, s = plan.roles["teacher"], plan.roles["student"]
-            for tk, sk in plan.cross_pairs:
-                self.acc.cross[(tk, sk)] = {
-                    p: CrossStats.empty(t.widths[tk], s.widths[sk], self.dev["student"])
-                    for p in self.parts
-                }
+            self.dev[role] = torch.device("cpu") if dev.type == "mps" else dev
+            self.acc.moments[role] = {}
+            if allocate:  # a sequential capture allocates block by block (allocate_keys)
+                self.allocate_keys(role, rp.keys)
         seed = self.cfg.seed
         self.doc_keys = np.array([doc_key(seed, d["id"]) for d in plan.documents], np.uint64)
+
+    def allocate_keys(self, role: str, keys: Sequence[str]) -> None:
+        """Empty accumulators for ``keys`` of ``role``, and for the cross pairs of student keys."""
+        rp, dev = self.plan.roles[role], self.dev[role]
+        for k in keys:
+            self.acc.moments[role][k] = {
+                p: MomentStats.empty(rp.widths[k], rp.full[k], dev) for p in self.parts
+            }
+        if role == "student":
+            t, wanted = self.plan.roles["teacher"], set(keys)
+            for tk, sk in self.plan.cross_pairs:
+                if sk in wanted:
+                    self.acc.cross[(tk, sk)] = {
+                        p: CrossStats.empty(t.widths[tk], rp.widths[sk], dev) for p in self.parts
+                    }
 
     def prepare(self, windows: list[_Window]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad a batch, compute its kept rows per part and its dumped rows; count tokens."""
@@ -229,6 +242,11 @@ def _resume(work: Accumulation, partial: Path, run_hash: str, overwrite: bool) -
     if not partial.exists():
         return 0
     progress = read_json(progress_file, "progress file") if progress_file.is_file() else None
+    if progress is None and (partial / "sequential.json").is_file() and not overwrite:
+        raise GradfreeError(
+            f"{partial} holds an interrupted sequential capture; run it again with --sequential "
+            "to resume it, or pass --overwrite to discard it."
+        )
     if progress is None or (progress["run_hash"] != run_hash and overwrite):
         shutil.rmtree(partial)
         return 0
@@ -259,6 +277,7 @@ def run_capture(
     progress: bool | ProgressFn = True,
     stats_device: str | torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
+    sequential: bool = False,
 ) -> Capture:
     """Capture activation statistics of one model or a teacher/student pair into ``out``.
 
@@ -267,10 +286,27 @@ def run_capture(
     ``documents`` are strings or objects with ``.id`` and ``.text``; ``corpus`` is the corpus
     manifest recorded as given. ``on_batch(i)`` is called after batch i (and its checkpoint).
     ``progress``: True reports batches on stderr (:mod:`gradfree.base.progress`), or a reporter.
+    ``sequential`` (implied by :class:`~gradfree.models.lazy.LazyModel` subjects) runs one block
+    at a time over all windows (:mod:`gradfree.capture.sequential`): same statistics, same run
+    hash, a fraction of the memory; it resumes after its last finished block; no ``on_batch``.
     """
     cfg = make_config(config)
     if not isinstance(subjects, Mapping):
         subjects = {"model": subjects}
+    if sequential or any(isinstance(s, LazyModel) for s in subjects.values()):
+        from gradfree.capture.sequential import run_sequential
+
+        return run_sequential(
+            subjects,
+            documents,
+            out,
+            cfg,
+            corpus=corpus,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            stats_device=stats_device,
+        )
     plan = make_plan(subjects, documents, cfg)
     out = check_new_output(Path(out), overwrite)
     partial = _partial_dir(out)
@@ -309,8 +345,10 @@ def _finish(
     run_hash: str,
     corpus: dict[str, Any] | None,
     seconds: tuple[float, float],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the final shards, documents, config and manifest; rename ``partial`` to ``out``."""
+    """Write the final shards, documents, config and manifest; rename ``partial`` to ``out``.
+    ``extra`` adds manifest entries (a distributed capture records its world there)."""
     plan, cfg = work.plan, work.cfg
     shards = work.acc.save(partial)
     work.dumps.flush(partial)
@@ -355,6 +393,7 @@ def _finish(
         "cross_index": {cross_name(t, s): cross_shard(s) for t, s in plan.cross_pairs},
         "dumps": dumps,
         "shards": shards,
+        **(extra or {}),
     }
     write_json_atomic(partial / "manifest.json", manifest)
     _clean(partial, keep=None, dumps=dumps)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE, corpus_option
+from gradfree.cli.options import DEVICE, DTYPE, OVERWRITE, SAVE_FORMAT, corpus_option
 
 
 def align_command(
@@ -34,6 +34,7 @@ def align_command(
     ),
     device: str = DEVICE,
     dtype: str = DTYPE,
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Rotate and permute the student to the teacher's coordinates; optionally refine, refit."""
@@ -57,7 +58,15 @@ def align_command(
 
     t = load_model(teacher, device=device, dtype=dtype)
     s = load_model(student, device=device, dtype=dtype)
-    path = run_align(t, s, cfg, out, overwrite=overwrite, say=lambda m: typer.echo(m, err=True))
+    path = run_align(
+        t,
+        s,
+        cfg,
+        out,
+        overwrite=overwrite,
+        say=lambda m: typer.echo(m, err=True),
+        save_format=save_format,
+    )
     typer.echo(str(path / "report.md"))
 
 

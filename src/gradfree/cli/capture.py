@@ -10,7 +10,7 @@ The library (and torch) is imported only when a command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -79,6 +79,14 @@ def capture(
     dump_max: int = typer.Option(20000, "--dump-max", help="Most dumped tokens per site."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Batches per checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dump subsample."),
+    workers: int = typer.Option(
+        1, "--workers", help="Local torch.distributed ranks (under torchrun: one rank each)."
+    ),
+    sequential: bool = typer.Option(
+        False,
+        "--sequential",
+        help="One block at a time, weights read from the safetensors only when it runs.",
+    ),
     device: str = DEVICE,
     dtype: str = DTYPE,
     overwrite: bool = OVERWRITE,
@@ -87,10 +95,13 @@ def capture(
     """Capture activation statistics (moments, cross moments, token dumps) over a corpus."""
     if ctx.invoked_subcommand is not None:
         return
+    import functools
     import time
 
     from gradfree.capture import make_config
     from gradfree.capture.corpus import capture_corpus
+    from gradfree.capture.distributed import world_from_env
+    from gradfree.capture.launch import capture_distributed
 
     paired = teacher is not None or student is not None
     if (model is not None) == paired or (paired and (teacher is None or student is None)):
@@ -115,9 +126,18 @@ def capture(
     }
     config = make_config({k: v for k, v in options.items() if v is not None})
     models = model if model is not None else {"teacher": str(teacher), "student": str(student)}
+    run: Any = capture_corpus
+    if workers > 1 or world_from_env() is not None:  # --workers N, or a rank under torchrun
+        run = functools.partial(capture_distributed, workers=workers)
+    if sequential:
+        if run is not capture_corpus:
+            raise GradfreeError("--sequential cannot be combined with distributed capture yet.")
+        from gradfree.capture.sequential import capture_corpus_sequential
+
+        run = capture_corpus_sequential
     t0 = time.perf_counter()
     try:
-        cap = capture_corpus(
+        cap = run(  # None on the ranks other than 0 of a torchrun job: rank 0 reports
             models,
             corpus,
             out,
@@ -130,13 +150,15 @@ def capture(
             progress=progress,
         )
     except KeyboardInterrupt:
+        kept = "the last finished block" if sequential else "the last checkpoint"
         typer.echo(
-            f"error: interrupted; work up to the last checkpoint is kept in {out}.partial and "
+            f"error: interrupted; work up to {kept} is kept in {out}.partial and "
             "the same command resumes from there.",
             err=True,
         )
         raise typer.Exit(130) from None
-    _summary(cap, "capture", time.perf_counter() - t0)
+    if cap is not None:
+        _summary(cap, "capture", time.perf_counter() - t0)
 
 
 def combine(

@@ -12,7 +12,16 @@ from pathlib import Path
 import typer
 
 from gradfree.base.errors import GradfreeError
-from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, PROGRESS, SPLIT, corpus_option
+from gradfree.cli.options import (
+    DEVICE,
+    DTYPE,
+    LIMIT,
+    OVERWRITE,
+    PROGRESS,
+    SAVE_FORMAT,
+    SPLIT,
+    corpus_option,
+)
 
 
 def compress(
@@ -32,6 +41,7 @@ def compress(
     device: str = DEVICE,
     dtype: str = DTYPE,
     keep_capture: bool = typer.Option(False, "--keep-capture", help="Keep out/capture."),
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
     progress: bool = PROGRESS,
 ) -> None:
@@ -54,6 +64,7 @@ def compress(
         overwrite=overwrite,
         progress=progress,
         keep_capture=keep_capture,
+        save_format=save_format,
     )
     from rich.console import Console
     from rich.table import Table
@@ -92,6 +103,7 @@ def distill_head(
     max_length: int = typer.Option(256, "--max-length", min=2, help="Window length in tokens."),
     device: str = DEVICE,
     dtype: str = DTYPE,
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
     progress: bool = PROGRESS,
 ) -> None:
@@ -116,6 +128,7 @@ def distill_head(
         max_length=max_length,
         overwrite=overwrite,
         progress=progress,
+        save_format=save_format,
     )
     typer.echo(
         f"validation KL {choice.student['kl']:.4f} -> {choice.chosen['kl']:.4f} "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from gradfree.cli.options import DEVICE, OVERWRITE, dtype_option
+from gradfree.cli.options import DEVICE, OVERWRITE, SAVE_FORMAT, dtype_option
 
 
 def merge_command(
@@ -20,6 +20,7 @@ def merge_command(
     dtype: str | None = dtype_option(
         None, "Output dtype (overrides the recipe; default: the first model's)."
     ),
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
     keep_statistics: bool = typer.Option(
         False, "--keep-statistics", help="Keep Fisher/Gram statistics in OUT/statistics."
@@ -53,6 +54,7 @@ def merge_command(
         overwrite=overwrite,
         keep_statistics=keep_statistics,
         say=lambda m: typer.echo(m, err=True),
+        save_format=save_format,
     )
     r = result.record
     dist = ", ".join(

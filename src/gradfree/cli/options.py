@@ -1,5 +1,5 @@
-"""The options that many commands share, defined once: device, dtype, overwrite, progress and the
-corpus with its split and limit.
+"""The options that many commands share, defined once: device, dtype, overwrite, progress, the
+corpus with its split and limit, and the weight format of a written checkpoint.
 
 The device and dtype are checked while the command line is parsed, before any output folder is
 touched: a dtype must be one of :data:`~gradfree.base.configfile.DTYPES`, a device must parse as a
@@ -38,6 +38,22 @@ def dtype_option(default: str | None = "float32", help: str = DTYPE_HELP) -> Any
     return typer.Option(default, "--dtype", help=help, callback=_dtype)
 
 
+def _save_format(value: str) -> str:
+    from gradfree.models.fp8 import check_weight_format
+
+    return check_weight_format(value)
+
+
+def save_format_option() -> Any:
+    """``--save-format``: safetensors (the model's dtype) or fp8 (Qwen's block-FP8 format)."""
+    return typer.Option(
+        "safetensors",
+        "--save-format",
+        help="Checkpoint weights: safetensors (model dtype) or fp8 (e4m3, 128x128 block scales).",
+        callback=_save_format,
+    )
+
+
 def corpus_option(default: Any = ..., what: str = "Text") -> Any:
     """``--corpus``: ``what`` the command reads, by name or path (``...``: required)."""
     return typer.Option(default, "--corpus", help=f"{what}: {CORPUS_HELP}.")
@@ -51,3 +67,4 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out."
 PROGRESS = typer.Option(
     True, "--progress/--no-progress", help="Report progress (a bar on a terminal, else log lines)."
 )
+SAVE_FORMAT = save_format_option()

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, SPLIT, corpus_option
+from gradfree.cli.options import DEVICE, DTYPE, LIMIT, OVERWRITE, SAVE_FORMAT, SPLIT, corpus_option
 
 
 def _log(msg: str) -> None:
@@ -82,6 +82,7 @@ def rotate(
     check_tokens: int = _CHECK_TOKENS,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Fuse norms, untie and rotate the residual stream; the function is unchanged."""
@@ -97,6 +98,7 @@ def rotate(
             **_common(
                 (check_corpus, check_split, check_windows, check_tokens), damping, device, dtype
             ),
+            "save_format": save_format,
         },
         overwrite,
     )
@@ -128,6 +130,7 @@ def slice_command(
     check_tokens: int = _CHECK_TOKENS,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Remove a fraction of the residual width with one global PCA basis (plain checkpoint)."""
@@ -151,6 +154,7 @@ def slice_command(
             **_common(
                 (check_corpus, check_split, check_windows, check_tokens), damping, device, dtype
             ),
+            "save_format": save_format,
         },
         overwrite,
     )

@@ -276,13 +276,17 @@ def distill_head(
     overwrite: bool = False,
     inputs: dict[str, Any] | None = None,
     progress: bool | ProgressFn = False,
+    save_format: str = "safetensors",
 ) -> HeadChoice:
     """:func:`fit_head`, then write ``out``: the student with the chosen head as a plain
-    checkpoint (unchanged when its own head was best), ``head.json`` and ``report.md``."""
+    checkpoint (unchanged when its own head was best; ``save_format`` "fp8": Qwen's block-FP8
+    format), ``head.json`` and ``report.md``."""
     from gradfree.base.io import atomic_dir, check_new_output, write_json_atomic, write_text_atomic
     from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.models.fetch import save_checkpoint
+    from gradfree.models.fp8 import check_weight_format
 
+    check_weight_format(save_format)
     check_new_output(out, overwrite)
     clock = Stopwatch()
     with atomic_dir(out, overwrite) as tmp:
@@ -301,12 +305,13 @@ def distill_head(
         with clock.stage("write checkpoint"):
             if choice.head is not None:
                 apply_head_(student.model, choice.head)
-            save_checkpoint(student.model, student.tokenizer, tmp)
+            save_checkpoint(student.model, student.tokenizer, tmp, weight_format=save_format)
         record = {
             **choice.describe(),
             "fit_documents": [getattr(d, "id", i) for i, d in enumerate(fit_docs)],
             "validation_documents": [getattr(d, "id", i) for i, d in enumerate(val_docs)],
             "max_length": max_length,
+            "save_format": save_format,
             "inputs": inputs or {},
             "stages": clock.rows,
             "machine": machine(),

@@ -59,19 +59,23 @@ def compress(
     corpus: dict[str, Any] | None = None,
     keep_capture: bool = False,
     inputs: dict[str, Any] | None = None,
+    save_format: str = "safetensors",
 ) -> tuple[Solution, Path]:
     """Fold, capture, solve and write ``out`` (checkpoint + tokenizer + recipe + report).
 
     ``teacher``/``student`` are loaded models (``.model``, ``.tokenizer``); their norms are folded
     in place (function-preserving). ``corpus``: the documents' manifest, recorded in the capture
     and, with ``inputs``, in the report. The capture lives in ``out/capture`` (kept with
-    ``keep_capture``). Returns the solution and the output folder.
+    ``keep_capture``). ``save_format`` "fp8" writes the checkpoint in Qwen's block-FP8 format
+    (:func:`~gradfree.models.fetch.save_checkpoint`). Returns the solution and the output folder.
     """
     from gradfree.base.io import atomic_dir, check_new_output
     from gradfree.compress.report import write_report
     from gradfree.models.fetch import save_checkpoint
+    from gradfree.models.fp8 import check_weight_format
 
     recipe = make_recipe(recipe)
+    check_weight_format(save_format)
     check_new_output(out, overwrite)
     tm, sm = as_subject(teacher).model, as_subject(student).model
     clock = Stopwatch()
@@ -84,7 +88,7 @@ def compress(
         cal.capture(recipe, tmp / "capture")
         sol = cal.solve(recipe, config_changes=changes)
         with clock.stage("write checkpoint"):
-            save_checkpoint(sol.model, cal.tokenizer, tmp)
+            save_checkpoint(sol.model, cal.tokenizer, tmp, weight_format=save_format)
         write_report(sol, tmp, clock=clock, inputs=inputs)
         if not keep_capture:
             shutil.rmtree(tmp / "capture", ignore_errors=True)
@@ -105,6 +109,7 @@ def run_compress(
     overwrite: bool = False,
     progress: bool = False,
     keep_capture: bool = False,
+    save_format: str = "safetensors",
 ) -> tuple[Solution, Path]:
     """``gradfree compress``: load the corpus and both models by name, then :func:`compress`.
 
@@ -131,4 +136,5 @@ def run_compress(
         corpus=manifest,
         keep_capture=keep_capture,
         inputs=inputs,
+        save_format=save_format,
     )

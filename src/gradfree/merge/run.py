@@ -51,6 +51,13 @@ def resolve_input(spec: str, label: str) -> InputModel:
             f"Model '{spec}' is a GGUF file; merges read Hugging Face folders with safetensors "
             "(load and save_pretrained it first, or use the fetched known model)."
         )
+    from gradfree.models.fp8 import folder_fp8_format
+
+    if folder_fp8_format(r.source) is not None:  # merges read raw tensors: no scales applied
+        raise GradfreeError(
+            f"Model '{spec}' is an FP8 checkpoint; merges read dense safetensors, so save a "
+            "dense copy first (gradfree.models.load_model, then save_checkpoint)."
+        )
     return InputModel(spec=spec, label=label, folder=Path(r.source))
 
 
@@ -119,18 +126,22 @@ def merge(
     overwrite: bool = False,
     keep_statistics: bool = False,
     say: Callable[[str], None] = print,
+    save_format: str = "safetensors",
 ) -> MergeResult:
     """Run ``recipe`` and write the merged checkpoint to ``out`` (see the module docstring).
 
     ``dtype`` overrides the recipe's output dtype; ``device`` is where tensors are merged and
     where models run for methods that need forward/backward passes. ``keep_statistics`` keeps
-    the Fisher / Gram statistics in ``out/statistics``."""
+    the Fisher / Gram statistics in ``out/statistics``. ``save_format`` "fp8" writes the
+    checkpoint in Qwen's block-FP8 format (:mod:`gradfree.models.fp8`)."""
     from transformers import AutoConfig
 
     from gradfree.base.io import atomic_dir, check_new_output
     from gradfree.models.fetch import quiet_transformers
+    from gradfree.models.fp8 import check_weight_format
 
     recipe = make_recipe(recipe)
+    check_weight_format(save_format)
     if dtype is not None:
         recipe = make_recipe({**recipe.model_dump(), "dtype": dtype})
     method = get_method(recipe.method).configure(recipe)
@@ -180,6 +191,7 @@ def merge(
                 toks[everyone.index(source)],
                 source,
                 keep_statistics,
+                save_format,
             )
     return MergeResult(out, record)
 
@@ -193,6 +205,7 @@ def _write(
     tokenizer: Any,
     source: InputModel,
     keep_statistics: bool,
+    save_format: str = "safetensors",
 ) -> dict[str, Any]:
     """Prepare, stream every tensor group into ``tmp``, save config/tokenizer and the record."""
     from transformers import GenerationConfig
@@ -217,6 +230,10 @@ def _write(
         shutil.rmtree(ctx.work)
     set_saved_dtype_(config, torch_out)
     config.save_pretrained(tmp)
+    if save_format == "fp8":
+        from gradfree.models.fp8 import save_fp8_
+
+        save_fp8_(None, tmp)
     tokenizer.save_pretrained(tmp)
     for extra in _TOKENIZER_EXTRA:
         if (source.folder / extra).is_file() and not (tmp / extra).exists():
@@ -247,6 +264,7 @@ def _write(
         ],
         "output": {
             "dtype": recipe.dtype,
+            "save_format": save_format,
             "files": files,
             "tensors": len(ctx.names),
             "bytes": writer.total_bytes,

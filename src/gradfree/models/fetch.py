@@ -201,15 +201,31 @@ def strip_quantizer(model: Any) -> None:
         del model.config.quantization_config
 
 
-def save_checkpoint(model: Any, tokenizer: Any, folder: Path, progress: bool = False) -> None:
+def save_checkpoint(
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    progress: bool = False,
+    weight_format: str = "safetensors",
+    block: tuple[int, int] = (128, 128),
+) -> None:
     """Save ``model`` (quantizer stripped) and ``tokenizer`` (unless None) into ``folder`` as a
     plain Hugging Face checkpoint that vanilla transformers loads. transformers' logs are
-    silenced, and its progress bars too unless ``progress``."""
+    silenced, and its progress bars too unless ``progress``.
+
+    ``weight_format="fp8"``: every Linear weight but the LM head is then stored in the FP8
+    format Qwen publishes (e4m3 per ``block``, with ``weight_scale_inv``;
+    :mod:`gradfree.models.fp8`), other tensors in the model's dtype."""
+    from gradfree.models.fp8 import check_weight_format, save_fp8_
+
+    check_weight_format(weight_format)
     strip_quantizer(model)
     with quiet_transformers(progress):
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+    if weight_format == "fp8":
+        save_fp8_(model, folder, block)
 
 
 def _is_disk_full(e: BaseException) -> bool:

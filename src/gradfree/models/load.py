@@ -1,7 +1,8 @@
 """The universal model loader: one spec string in, a model + tokenizer + fingerprint out.
 
 A spec is a known model name (fetched with ``gradfree models fetch``), a local Hugging Face
-folder (with ``config.json``), a ``.gguf`` file, or a hub id. The fingerprint (config hash,
+folder (with ``config.json``; an FP8 folder in Qwen's format is dequantised into the requested
+dtype by :mod:`gradfree.models.fp8`), a ``.gguf`` file, or a hub id. The fingerprint (config hash,
 weight-file hashes, tokenizer hash) is what output folders record as their input's identity.
 torch and transformers are imported inside functions, so importing this module is cheap and
 never touches CUDA.
@@ -24,6 +25,7 @@ from gradfree.base.configfile import DTYPES, check_device, check_dtype
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import sha256_file, sha256_text, write_json_atomic
 from gradfree.models.fetch import known_model_dir, load_gguf, quiet_transformers, read_record
+from gradfree.models.fp8 import folder_fp8_format, load_fp8_model
 from gradfree.models.registry import MODELS
 
 if TYPE_CHECKING:
@@ -163,6 +165,10 @@ def _weight_hashes(resolved: ResolvedModel, config: Any) -> dict[str, str]:
     return {p.name: cached_sha256(p) for p in weights}
 
 
+def _is_fp8(resolved: ResolvedModel) -> bool:
+    return resolved.kind in ("known", "folder") and folder_fp8_format(resolved.source) is not None
+
+
 def fingerprint(resolved: ResolvedModel, model: Any, tok: Any, dtype: str) -> dict[str, Any]:
     """The identity of a loaded model, as recorded in every output that used it."""
     fp: dict[str, Any] = {
@@ -176,6 +182,8 @@ def fingerprint(resolved: ResolvedModel, model: Any, tok: Any, dtype: str) -> di
         "weights_sha256": _weight_hashes(resolved, model.config),
         "tokenizer_sha256": tokenizer_fingerprint(tok),
     }
+    if _is_fp8(resolved):  # only then, so that dense fingerprints (and caches) are unchanged
+        fp["weight_format"] = "fp8"
     tj = Path(resolved.source) / "tokenizer.json"
     if resolved.kind in ("known", "folder") and tj.is_file():
         fp["tokenizer_json_sha256"] = sha256_file(tj)
@@ -213,14 +221,21 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         local = resolved.kind != "hub"
+        # FP8 folders are dequantised here, not by transformers (whose FP8 path wants a GPU).
+        fp8 = folder_fp8_format(resolved.source) if local else None
         try:
             with quiet_transformers(progress=False):
                 tok = AutoTokenizer.from_pretrained(
                     resolved.source, local_files_only=local or _hub_offline()
                 )
-                model = AutoModelForCausalLM.from_pretrained(
-                    resolved.source, dtype=torch_dtype, local_files_only=local or _hub_offline()
-                )
+                if fp8 is not None:
+                    model = load_fp8_model(resolved.source, torch_dtype, fp8)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(
+                        resolved.source,
+                        dtype=torch_dtype,
+                        local_files_only=local or _hub_offline(),
+                    )
         except (OSError, ValueError) as e:
             if resolved.kind == "hub":
                 raise _unknown(spec) from e

@@ -49,6 +49,7 @@ class SurgeryConfig(BaseModel):
     eval_limit: int | None = None
     device: Device = "cpu"
     dtype: DType = "float32"
+    save_format: Literal["safetensors", "fp8"] = "safetensors"
 
     @model_validator(mode="after")
     def _consistent(self) -> SurgeryConfig:

@@ -250,9 +250,13 @@ def _reload(folder: Path, cfg: SurgeryConfig) -> Any:
 
     from gradfree.models import resolve_dtype
     from gradfree.models.fetch import quiet_transformers
+    from gradfree.models.fp8 import load_fp8_model
 
     with quiet_transformers(progress=False):
-        m = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype))
+        if cfg.save_format == "fp8":  # dequantised by gradfree: transformers' path wants a GPU
+            m = load_fp8_model(folder, resolve_dtype(cfg.dtype))
+        else:
+            m = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype))
     m.eval()
     if cfg.device != "cpu":
         m.to(cfg.device)  # type: ignore[arg-type]
@@ -307,7 +311,7 @@ def run_surgery(
         mem = _logits(model, ids)
     with atomic_dir(out, overwrite) as tmp:
         with watch.stage("save"):
-            save_checkpoint(model, tok, tmp)
+            save_checkpoint(model, tok, tmp, weight_format=cfg.save_format)
         del model, loaded
         with watch.stage("reload (plain transformers)"):
             back = _reload(tmp, cfg)
