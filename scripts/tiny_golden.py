@@ -3,8 +3,8 @@
     python scripts/tiny_golden.py run OUT      # at one commit
     python scripts/tiny_golden.py compare A B  # every float of every JSON file, every tensor
 
-The demo (capture, spectra, evaluation, a four-variant alignment ablation, a four-row experiment)
-and a seven-row ``gradfree experiment`` (α sweep, data efficiency) run on two ``save_tiny`` models
+The demo (capture, distilled head, scoring, spectra), a four-variant alignment ablation and a
+seven-row ``gradfree experiment`` (α sweep, data efficiency) run on two ``save_tiny`` models
 in one thread, seeded. ``compare`` ignores times, memory, paths and run ids; it reports every
 other float that is not bit-identical and every differing safetensors tensor.
 """
@@ -24,9 +24,11 @@ TIMING = re.compile(r"second|rss|time|wall|elapsed")
 def run(out: Path) -> None:
     import torch
 
+    from gradfree.align import run_ablation
     from gradfree.align.config import AblateConfig, AlignConfig
     from gradfree.experiment import make_experiment, run_experiment
     from gradfree.experiment.demo import DemoConfig, run_demo
+    from gradfree.models import load_model
     from gradfree.testing.tiny import save_tiny
 
     torch.set_num_threads(1)
@@ -36,56 +38,41 @@ def run(out: Path) -> None:
     d = out / "pair"
     teacher = save_tiny(d / "t", "qwen2", seed=1, hidden_size=96, num_attention_heads=6)
     student = save_tiny(d / "s", "qwen2", seed=2)
-    cfg = DemoConfig(
+    demo = DemoConfig(
         teacher=str(teacher),
         student=str(student),
         calibration_limit=4,
+        validation_limit=2,
         heldout_limit=3,
         public_corpus="tourguide",
         public_limit=2,
         max_length=48,
-        ablation=AblateConfig(
-            align=AlignConfig(
-                limit=3,
-                max_length=32,
-                dump_max=64,
-                pattern_docs=1,
-                pattern_max_length=16,
-                ridge_head=True,
-                style_places=2,
-                style_tokens=4,
-            ),
-            variants=["base", "perm", "perm+rot", "style"],
-            heldout_limit=2,
-            questions=2,
-            max_new_tokens=3,
-            prompt_places=2,
-            prompt_tokens=4,
-        ),
-        experiment={
-            "calibration": {"corpus": "tourguide", "split": "calibration", "limit": 3},
-            "validation": {"corpus": "tourguide", "split": "calibration", "skip": 3, "limit": 2},
-            "task": {"corpus": "tourguide", "split": "heldout", "limit": 2},
-            "out_of_task": [{"corpus": "tourguide", "split": "heldout", "skip": 2, "limit": 1}],
-            "questions": 1,
-            "max_length": 32,
-            "recipe": {"dump_rate": 1.0, "attention_kl_windows": 1},
-            "head_lambdas": [1.0],
-            "head_blends": [0.5],
-            "rows": [
-                {"name": "student", "kind": "student"},
-                {"name": "joint/optimal", "recipe": {"merge": "optimal"}},
-                {"name": "joint/measured", "recipe": {"merge": "measured", "alpha_grid": [0.5, 1]}},
-                {
-                    "name": "svd/none+head",
-                    "recipe": {"basis": "svd", "merge": "none"},
-                    "head": True,
-                },
-            ],
-        },
+        head_lambdas=[1.0],
+        head_blends=[0.5, 1.0],
     )
     torch.manual_seed(0)
-    run_demo(cfg, out / "demo", say=lambda _: None)
+    run_demo(demo, out / "demo", say=lambda _: None)
+    ablation = AblateConfig(
+        align=AlignConfig(
+            limit=3,
+            max_length=32,
+            dump_max=64,
+            pattern_docs=1,
+            pattern_max_length=16,
+            ridge_head=True,
+            style_places=2,
+            style_tokens=4,
+        ),
+        variants=["base", "perm", "perm+rot", "style"],
+        heldout_limit=2,
+        questions=2,
+        max_new_tokens=3,
+        prompt_places=2,
+        prompt_tokens=4,
+    )
+    torch.manual_seed(0)
+    pair = [load_model(str(p)) for p in (teacher, student)]
+    run_ablation(*pair, ablation, out / "ablation")
     heldout = {"corpus": "tourguide", "split": "heldout"}
     ecfg = {
         "teacher": str(teacher),

@@ -122,21 +122,24 @@ def head_scores(val: Sequence[ValidationDoc], head: torch.Tensor) -> dict[str, f
 @torch.no_grad()
 def ridge_head(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | torch.Tensor,
     cap: Capture,
     rel_lam: float,
     chunk: int = 8192,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """H(λ) from the capture's student final-state moment and teacher×student cross-moment,
-    solved in float64 in row chunks over the vocabulary, stored in ``dtype``."""
+    solved in float64 in row chunks over the vocabulary, stored in ``dtype``. ``teacher`` is the
+    teacher model or just its LM head weight (V × d_T): the solve needs nothing else of it, so a
+    caller may free the teacher's body first."""
     from gradfree.solvers import ridge_from_stats_chunked
 
-    s, t = get_adapter(student), get_adapter(teacher)
+    s = get_adapter(student)
+    h_t = teacher if isinstance(teacher, torch.Tensor) else param(get_adapter(teacher).lm_head)
     xtx = cap.stats("student", "final.normed").second_moment()
     cr = cap.cross("final.normed", "final.normed")
     c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
-    h_t, h_s = param(t.lm_head), param(s.lm_head)
+    h_s = param(s.lm_head)
     return ridge_from_stats_chunked(
         xtx,
         lambda a, b: c_st @ f64(h_t[a:b]).T,
@@ -150,7 +153,7 @@ def ridge_head(
 
 def select_ridge_head(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | torch.Tensor,
     cap: Capture,
     val: Sequence[ValidationDoc],
     lambdas: Sequence[float] = (0.1, 1.0, 10.0),
@@ -158,7 +161,8 @@ def select_ridge_head(
     progress: ProgressFn = silent,
 ) -> HeadChoice:
     """The (λ, β) with the lowest validation KL, the student's own head (β = 0) included;
-    ``progress`` hears of each candidate scored."""
+    ``teacher``: the model or its LM head weight (see :func:`ridge_head`); ``progress`` hears
+    of each candidate scored."""
     h_s = param(get_adapter(student).lm_head).detach().to(torch.float32)
     base = head_scores(val, h_s)
     best: tuple[float, float | None, float, torch.Tensor | None] = (base["kl"], None, 0.0, None)

@@ -149,12 +149,18 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
     with atomic_dir(out, overwrite=overwrite) as tmp:
         cap = _capture_stage(cfg, teacher, student, texts["fit"], tmp, watch, say)
         spectra = _spectra_stage(cfg, teacher, student, tmp, watch, say)
-        choice = _head_stage(cfg, teacher, student, cap, texts["validation"], watch, say)
+        val = _validation_stage(cfg, teacher, student, texts["validation"], watch, say)
+        refs = _reference_stage(cfg, teacher, texts, tmp, watch, say)
+        # The rest needs only the teacher's LM head: its body (~5 GB for the 1.5B) goes before
+        # the ridge solves, the demo's memory peak.
+        teacher_head = _lm_head_weight(teacher)
+        del teacher
+        _release_memory()
+        choice = _head_stage(cfg, teacher_head, student, cap, val, watch)
+        del val, teacher_head
+        _release_memory()
         capture = _capture_summary(cap)
         del cap
-        refs = _reference_stage(cfg, teacher, texts, tmp, watch, say)
-        del teacher  # the rest needs only the student: ~6 GB back before the scoring
-        _release_memory()
         scores = _score_stage(cfg, student, choice, refs, watch, say)
         reload = _checkpoint_stage(student, refs["heldout"], tmp / "student", watch, say)
         shutil.rmtree(tmp / ".scratch")  # the teacher references: 0.3 MB per token, not kept
@@ -240,23 +246,36 @@ def _spectra_stage(
     return spectra
 
 
-def _head_stage(
-    cfg: DemoConfig, teacher: Any, student: Any, cap: Any, docs: list[Any], watch: Any, say: Any
+def _validation_stage(
+    cfg: DemoConfig, teacher: Any, student: Any, docs: list[Any], watch: Any, say: Any
 ) -> Any:
-    """The ridge heads from the capture, the (λ, β) with the lowest validation KL."""
-    from gradfree.compress.head import select_ridge_head, validation_set
+    """The validation windows that choose the head: the student's final states and the
+    teacher's log-probabilities (the only teacher forward passes the head needs)."""
+    from gradfree.compress.head import validation_set
 
     say(f"distilling the LM head: validation on {len(docs)} documents")
     with watch.stage("head: validation features (teacher + student)"):
-        val = validation_set(student.model, teacher.model, student.tokenizer, docs, cfg.max_length)
+        return validation_set(student.model, teacher.model, student.tokenizer, docs, cfg.max_length)
+
+
+def _lm_head_weight(loaded: Any) -> Any:
+    from gradfree.adapters import get_adapter
+    from gradfree.surgery.edit import param
+
+    return param(get_adapter(loaded.model).lm_head).detach()
+
+
+def _head_stage(
+    cfg: DemoConfig, teacher_head: Any, student: Any, cap: Any, val: Any, watch: Any
+) -> Any:
+    """The ridge heads from the capture, the (λ, β) with the lowest validation KL."""
+    from gradfree.compress.head import select_ridge_head
+
     n = len(cfg.head_lambdas) * len(cfg.head_blends)
     with watch.stage(f"head: {len(cfg.head_lambdas)} ridge solves, {n} candidates scored"):
-        choice = select_ridge_head(
-            student.model, teacher.model, cap, val, cfg.head_lambdas, cfg.head_blends
+        return select_ridge_head(
+            student.model, teacher_head, cap, val, cfg.head_lambdas, cfg.head_blends
         )
-    del val
-    _release_memory()
-    return choice
 
 
 def _reference_stage(
