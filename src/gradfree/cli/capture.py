@@ -95,13 +95,9 @@ def capture(
     """Capture activation statistics (moments, cross moments, token dumps) over a corpus."""
     if ctx.invoked_subcommand is not None:
         return
-    import functools
     import time
 
     from gradfree.capture import make_config
-    from gradfree.capture.corpus import capture_corpus
-    from gradfree.capture.distributed import world_from_env
-    from gradfree.capture.launch import capture_distributed
 
     paired = teacher is not None or student is not None
     if (model is not None) == paired or (paired and (teacher is None or student is None)):
@@ -126,15 +122,7 @@ def capture(
     }
     config = make_config({k: v for k, v in options.items() if v is not None})
     models = model if model is not None else {"teacher": str(teacher), "student": str(student)}
-    run: Any = capture_corpus
-    if workers > 1 or world_from_env() is not None:  # --workers N, or a rank under torchrun
-        run = functools.partial(capture_distributed, workers=workers)
-    if sequential:
-        if run is not capture_corpus:
-            raise GradfreeError("--sequential cannot be combined with distributed capture yet.")
-        from gradfree.capture.sequential import capture_corpus_sequential
-
-        run = capture_corpus_sequential
+    run = _runner(workers, sequential)
     t0 = time.perf_counter()
     try:
         cap = run(  # None on the ranks other than 0 of a torchrun job: rank 0 reports
@@ -159,6 +147,26 @@ def capture(
         raise typer.Exit(130) from None
     if cap is not None:
         _summary(cap, "capture", time.perf_counter() - t0)
+
+
+def _runner(workers: int, sequential: bool) -> Any:
+    """The library call: one process, N local ranks or a torchrun rank, or block by block."""
+    import functools
+
+    from gradfree.capture.corpus import capture_corpus
+    from gradfree.capture.distributed import world_from_env
+    from gradfree.capture.launch import capture_distributed
+
+    distributed = workers > 1 or world_from_env() is not None  # --workers N, or under torchrun
+    if sequential:
+        if distributed:
+            raise GradfreeError("--sequential cannot be combined with distributed capture yet.")
+        from gradfree.capture.sequential import capture_corpus_sequential
+
+        return capture_corpus_sequential
+    if distributed:
+        return functools.partial(capture_distributed, workers=workers)
+    return capture_corpus
 
 
 def combine(
