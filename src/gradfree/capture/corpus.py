@@ -7,13 +7,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from gradfree.capture.config import CaptureConfig
 from gradfree.capture.runner import run_capture
 from gradfree.capture.store import Capture
+
+
+def corpus_inputs(
+    models: str | Mapping[str, str],
+    corpus: str,
+    split: str | None,
+    limit: int | None,
+    load: Callable[[str], Any],
+) -> tuple[list[Any], dict[str, Any], Any]:
+    """(documents, their manifest, the subjects) of a capture by names: one model or a
+    ``{"teacher": ..., "student": ...}`` pair, each loaded with ``load`` (whole, lazy, or on a
+    rank's device)."""
+    from gradfree.texts.corpora import corpus_manifest, load_corpus
+
+    docs = load_corpus(corpus, split=split, limit=limit)
+    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
+    if isinstance(models, str):
+        return docs, manifest, load(models)
+    return docs, manifest, {role: load(spec) for role, spec in models.items()}
 
 
 def capture_corpus(
@@ -34,18 +53,11 @@ def capture_corpus(
     anything is loaded; an interrupted capture resumes from ``out``.partial when run again."""
     from gradfree.base.io import check_new_output
     from gradfree.models import load_model
-    from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     check_new_output(out, overwrite)
-    docs = load_corpus(corpus, split=split, limit=limit)
-    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    subjects: Any
-    if isinstance(models, str):
-        subjects = load_model(models, device=device, dtype=dtype)
-    else:
-        subjects = {
-            role: load_model(spec, device=device, dtype=dtype) for role, spec in models.items()
-        }
+    docs, manifest, subjects = corpus_inputs(
+        models, corpus, split, limit, lambda spec: load_model(spec, device=device, dtype=dtype)
+    )
     return run_capture(
         subjects, docs, out, config, corpus=manifest, overwrite=overwrite, progress=progress
     )

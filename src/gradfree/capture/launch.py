@@ -60,20 +60,16 @@ def capture_rank(
 ) -> Capture | None:
     """:func:`~gradfree.capture.corpus.capture_corpus` as one rank of a distributed capture:
     loads the models on the rank's device, joins the process group, runs :func:`run_rank`."""
+    from gradfree.capture.corpus import corpus_inputs
     from gradfree.models import load_model
-    from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     _set_threads(world)
     dev = rank_device(device, world)
     check_new_output(out, overwrite)
     with process_group(dev):
-        docs = load_corpus(corpus, split=split, limit=limit)
-        manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-        subjects: Any
-        if isinstance(models, str):
-            subjects = load_model(models, device=dev, dtype=dtype)
-        else:
-            subjects = {r: load_model(s, device=dev, dtype=dtype) for r, s in models.items()}
+        docs, manifest, subjects = corpus_inputs(
+            models, corpus, split, limit, lambda spec: load_model(spec, device=dev, dtype=dtype)
+        )
         return run_rank(
             subjects,
             docs,

@@ -450,19 +450,13 @@ def capture_corpus_sequential(
 ) -> Capture:
     """:func:`~gradfree.capture.corpus.capture_corpus` with lazy models: nothing is loaded
     whole; each model must be a known name or a local safetensors folder."""
+    from gradfree.capture.corpus import corpus_inputs
     from gradfree.models.lazy import load_lazy
-    from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     check_new_output(Path(out), overwrite)
-    docs = load_corpus(corpus, split=split, limit=limit)
-    manifest = corpus_manifest(docs, corpus if split is None else f"{corpus}:{split}")
-    subjects: Any
-    if isinstance(models, str):
-        subjects = load_lazy(models, device=device, dtype=dtype)
-    else:
-        subjects = {
-            role: load_lazy(spec, device=device, dtype=dtype) for role, spec in models.items()
-        }
+    docs, manifest, subjects = corpus_inputs(
+        models, corpus, split, limit, lambda spec: load_lazy(spec, device=device, dtype=dtype)
+    )
     return run_sequential(
         subjects, docs, out, config, corpus=manifest, overwrite=overwrite, progress=progress
     )
