@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -43,18 +43,17 @@ import torch
 
 from gradfree.base.errors import GradfreeError
 from gradfree.base.io import check_new_output, sha256_text
-from gradfree.base.progress import ProgressFn, counter, reporting
+from gradfree.base.progress import ProgressFn
 from gradfree.capture.config import CaptureConfig, make_config
 from gradfree.capture.dumps import DumpWriter
-from gradfree.capture.hooks import site_hooks
 from gradfree.capture.plan import Plan, make_plan
 from gradfree.capture.runner import (
     Accumulation,
-    _batches,
     _checkpoint,
     _finish,
     _partial_dir,
     _resume,
+    run_batches,
 )
 from gradfree.capture.store import Capture, load_capture, read_shard
 
@@ -157,28 +156,11 @@ def _run_shard(
 ) -> tuple[float, float]:
     """Run batches ``[begin, stop)`` of the plan (``span = (first, begin, stop)``); checkpoint
     as one process would, and once more at the end of the shard."""
-    plan, cfg = work.plan, work.cfg
-    first, begin, stop = span
+    plan = work.plan
+    _, begin, stop = span
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with ExitStack() as stack:
-        hooks = {
-            role: stack.enter_context(site_hooks(rp.adapter, rp.keys, work.sink(role)))
-            for role, rp in plan.roles.items()
-        }
-        report = stack.enter_context(reporting(progress))
-        stage = f"capture {'+'.join(plan.roles)}, rank {rank_dir.name.removeprefix('rank-')}"
-        bar = counter(report, stage, stop - first, "batches", begin - first)
-        for b, windows in enumerate(_batches(plan)):
-            if b >= stop:
-                break
-            if b < begin:
-                continue
-            work.run_batch(windows, hooks)
-            if (b + 1) % cfg.checkpoint_every == 0 and b + 1 < stop:
-                _checkpoint(work, rank_dir, rank_hash, b + 1)
-            bar(1)
-            if on_batch is not None:
-                on_batch(b)
+    stage = f"capture {'+'.join(plan.roles)}, rank {rank_dir.name.removeprefix('rank-')}"
+    run_batches(work, span, rank_dir, rank_hash, stage, progress, on_batch)
     if begin < stop:  # the shard's statistics are safe on disk before the reduce, which may fail
         _checkpoint(work, rank_dir, rank_hash, stop)
     return time.perf_counter() - t0, time.process_time() - cpu0

@@ -264,6 +264,41 @@ def _resume(work: Accumulation, partial: Path, run_hash: str, overwrite: bool) -
     return int(progress["batches_done"])
 
 
+def run_batches(
+    work: Accumulation,
+    span: tuple[int, int, int],
+    folder: Path,
+    run_hash: str,
+    stage: str,
+    progress: bool | ProgressFn,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """Run batches ``[begin, stop)`` of the plan into ``work`` (``span = (first, begin, stop)``:
+    the progress bar counts from ``first``), checkpointing into ``folder`` every
+    ``checkpoint_every`` batches before ``stop``. One process runs (0, start, n_batches); a
+    distributed rank runs its shard."""
+    plan = work.plan
+    first, begin, stop = span
+    with ExitStack() as stack:
+        hooks = {
+            role: stack.enter_context(site_hooks(rp.adapter, rp.keys, work.sink(role)))
+            for role, rp in plan.roles.items()
+        }
+        report = stack.enter_context(reporting(progress))
+        bar = counter(report, stage, stop - first, "batches", begin - first)
+        for b, windows in enumerate(_batches(plan)):
+            if b >= stop:
+                break
+            if b < begin:
+                continue
+            work.run_batch(windows, hooks)
+            if (b + 1) % work.cfg.checkpoint_every == 0 and b + 1 < stop:
+                _checkpoint(work, folder, run_hash, b + 1)
+            bar(1)
+            if on_batch is not None:
+                on_batch(b)
+
+
 # the public entry point ---------------------------------------------------------------------------
 def run_capture(
     subjects: Any,
@@ -317,22 +352,8 @@ def run_capture(
     start = _resume(work, partial, run_hash, overwrite)
     partial.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with ExitStack() as stack:
-        hooks = {
-            role: stack.enter_context(site_hooks(rp.adapter, rp.keys, work.sink(role)))
-            for role, rp in plan.roles.items()
-        }
-        report = stack.enter_context(reporting(progress))
-        bar = counter(report, f"capture {'+'.join(plan.roles)}", plan.n_batches, "batches", start)
-        for b, windows in enumerate(_batches(plan)):
-            if b < start:
-                continue
-            work.run_batch(windows, hooks)
-            if (b + 1) % cfg.checkpoint_every == 0 and b + 1 < plan.n_batches:
-                _checkpoint(work, partial, run_hash, b + 1)
-            bar(1)
-            if on_batch is not None:
-                on_batch(b)
+    stage = f"capture {'+'.join(plan.roles)}"
+    run_batches(work, (0, start, plan.n_batches), partial, run_hash, stage, progress, on_batch)
     seconds = (time.perf_counter() - t0, time.process_time() - cpu0)
     _finish(work, partial, out, run_hash, corpus, seconds)
     return load_capture(out, verify=False)  # just written and hashed
