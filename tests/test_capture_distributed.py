@@ -137,11 +137,68 @@ def test_paired_capture_with_two_ranks_via_the_cli(work: Path, run_cli) -> None:
     assert min(r["documents"] for r in world["ranks"]) > 0
 
 
+def test_sequential_ranks_give_the_single_process_capture(work: Path, run_cli) -> None:
+    """``--sequential --workers 2``: each rank runs its shard block by block with lazily read
+    weights, and its shard files are reduced one at a time onto rank 0."""
+    out = work / "paired-seq"
+    args = ["capture", "--teacher", str(work / "teacher"), "--student", str(work / "student")]
+    args += ["--corpus", str(work / "docs.jsonl"), "--out", str(out), "--workers", "2"]
+    args += ["--max-length", "32", "--batch-size", "2", "--sites", "resid_pre,v,final.normed"]
+    args += ["--dump-sites", "resid_pre", "--dump-rate", "0.3", "--dump-max", "250"]
+    args += ["--sequential", "--no-progress"]
+    code, stdout, err = run_cli(args)
+    assert code == 0, err
+    assert stdout.strip() == str(out) and not out.with_name("paired-seq.partial").exists()
+    got = load_capture(out)
+    models = {"teacher": str(work / "teacher"), "student": str(work / "student")}
+    sites = {"sites": "resid_pre,v,final.normed", "dump_sites": "resid_pre"}
+    assert_same_capture(got, _reference(work, models, "paired", **sites, dump_max=250))
+    world = got.manifest["distributed"]
+    assert world["world_size"] == 2 and world["mode"] == "sequential"
+
+
+def test_a_dying_sequential_rank_resumes_after_its_last_block(work: Path) -> None:
+    out, docs = work / "seq-dies", str(work / "docs.jsonl")
+    model, cfg = str(work / "teacher"), {**OPTIONS, "dump_sites": "resid_pre"}
+    want = _reference(work, model, "single", dump_sites="resid_pre")
+    rank0 = work / "seq-dies.partial/rank-00000-of-00002"
+    kill = functools.partial(_die_after, str(rank0 / "shard-done.json"), 1)
+    with pytest.raises(GradfreeError, match=r"^Worker 1 of 2 exited with status 3; no capture"):
+        launch_capture(
+            model, docs, out, cfg, workers=2, progress=False, on_batch=kill, sequential=True
+        )
+    assert not out.exists()
+    rank1 = work / "seq-dies.partial/rank-00001-of-00002"
+    state = json.loads((rank1 / "sequential.json").read_text())
+    assert state["block"] == 0  # block 1 ran but was not recorded: the rank died before
+    seen = work / "seen-seq"
+    seen.mkdir()
+    record = functools.partial(_record, str(seen))
+    got = launch_capture(
+        model, docs, out, cfg, workers=2, progress=False, on_batch=record, sequential=True
+    )
+    assert [int(b) for b in (seen / "rank-1.txt").read_text().split()] == [1, 2]
+    assert not (seen / "rank-0.txt").exists()  # rank 0 had finished: straight to the reduce
+    assert not (work / "seq-dies.partial").exists()
+    assert_same_capture(got, want)
+
+
 def _die(rank: int, how: str, at: int, batch: int) -> None:
     """``on_batch`` for the workers: rank ``rank`` raises or exits after batch ``at``."""
     if os.environ["RANK"] == str(rank) and batch >= at:
         if how == "raise":
             raise RuntimeError("the node lost its disk")
+        os._exit(3)
+
+
+def _die_after(done: str, at: int, block: int) -> None:
+    """``on_batch`` of a sequential capture: once rank 0's shard is done, rank 1 exits after
+    its block ``at`` (before recording it)."""
+    import time
+
+    if os.environ["RANK"] == "1" and block >= at:
+        while not Path(done).exists():
+            time.sleep(0.05)
         os._exit(3)
 
 

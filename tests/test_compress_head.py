@@ -60,7 +60,10 @@ def test_a_planted_teacher_head_is_recovered_and_applied(tmp_path: Path) -> None
     assert choice.chosen["kl"] < 0.01 * choice.student["kl"]
     model = copy.deepcopy(student)
     apply_head_(model, choice.head)
-    assert head_scores(val, model.lm_head.weight)["kl"] == choice.chosen["kl"]
+    # the candidates were scored from blended logits: the same numbers up to float32 rounding
+    assert head_scores(val, model.lm_head.weight)["kl"] == pytest.approx(
+        choice.chosen["kl"], rel=1e-4, abs=1e-7
+    )
     ids = torch.tensor([tiny_tokenizer()(VAL[0])["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, teacher(ids).logits, atol=1e-3)
@@ -115,3 +118,47 @@ def test_compare_heads_scores_both_heads_on_the_same_windows() -> None:
     assert same["documents"] == len(val) == len(full["doc_kl"]) == 4
     assert full["kl"] == head_scores(val, own)["kl"] == same["student"]["kl"]
     assert sum(full["doc_tokens"]) == full["tokens"] and 0.0 <= full["top1"] <= 1.0
+
+
+def test_every_candidate_scores_as_its_blended_head_does(tmp_path: Path) -> None:
+    """The one-pass grid (blends of the heads' logits) gives each candidate the scores of the
+    head β·H(λ) + (1 − β)·H_S computed on its own; the shared-product ridge path gives the
+    heads one solve per λ gives."""
+    from gradfree.compress.head import ridge_head, ridge_heads
+
+    student = tiny_model("qwen2", seed=0)
+    teacher = tiny_model("qwen2", seed=1)
+    cap = _capture(teacher, student, tmp_path / "cap")
+    val = validation_set(student, teacher, tiny_tokenizer(), VAL, max_length=64)
+    lambdas, blends = (0.01, 1.0), (0.25, 1.0)
+    choice = select_ridge_head(student, teacher, cap, val, lambdas=lambdas, blends=blends)
+    heads = ridge_heads(student, teacher, cap, lambdas, chunk=37)
+    h_s = student.lm_head.weight.detach()
+    rows = iter(choice.candidates)
+    for lam, h_r in zip(lambdas, heads, strict=True):
+        alone = ridge_head(student, teacher, cap, lam)
+        assert float((h_r - alone).norm() / alone.norm()) < 1e-6  # float32 storage
+        for beta in blends:
+            row, want = next(rows), head_scores(val, beta * h_r + (1 - beta) * h_s)
+            assert (row["lambda"], row["blend"]) == (lam, beta)
+            assert row["kl"] == pytest.approx(want["kl"], rel=1e-4)
+            assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert choice.student["kl"] == pytest.approx(head_scores(val, h_s)["kl"], rel=1e-6)
+
+
+def test_scoring_several_heads_in_one_body_pass_matches_the_full_model(tmp_path: Path) -> None:
+    from gradfree.compress.head import score_heads
+    from gradfree.evaluation.reference import score, teacher_reference
+
+    student = tiny_model("qwen2", seed=0)
+    teacher = tiny_model("qwen2", seed=1)
+    ref = teacher_reference(teacher, tiny_tokenizer(), VAL + FIT[:2], tmp_path / "ref", 16)
+    other = teacher.lm_head.weight.detach().clone()
+    got = score_heads(student, ref, {"own": None, "other": other})
+    model = copy.deepcopy(student)
+    apply_head_(model, other)
+    for name, m in (("own", student), ("other", model)):
+        want = score(m, ref)
+        for k in ("kl", "ppl", "top1"):
+            assert got[name][k] == pytest.approx(want[k], rel=1e-5), (name, k)
+        assert got[name]["doc_tokens"] == want["doc_tokens"]

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from gradfree.base.errors import GradfreeError
-from gradfree.base.io import check_new_output, sha256_text
+from gradfree.base.io import check_new_output, read_json, sha256_text, write_json_atomic
 from gradfree.base.progress import ProgressFn
 from gradfree.capture.config import CaptureConfig, make_config
 from gradfree.capture.dumps import DumpWriter
@@ -55,7 +55,7 @@ from gradfree.capture.runner import (
     _resume,
     run_batches,
 )
-from gradfree.capture.store import Capture, load_capture, read_shard
+from gradfree.capture.store import Capture, load_capture, read_shard, save_shard, verify_shards
 
 _DUMP_CHUNK = 4096  # rows per dump reduce: bounds the zero-padded buffer on every rank
 
@@ -185,6 +185,63 @@ def _shard_info(plan: Plan, world: World, first: int, stop: int) -> dict[str, An
     }
 
 
+_DONE = "shard-done.json"
+
+
+def _sequential_shard(
+    subjects: Mapping[str, Any],
+    plan: Plan,
+    rank_dir: Path,
+    rank_hash: str,
+    span: tuple[int, int],
+    overwrite: bool,
+    progress: bool | ProgressFn,
+    stats_device: str | torch.device | None,
+    on_block: Callable[[str, int, Any], None] | None = None,
+) -> tuple[Accumulation, tuple[float, float]]:
+    """This rank's batches block by block into shard files in ``rank_dir``; a record written
+    last (``shard-done.json``) lets a resumed run go straight to the reduce."""
+    from gradfree.capture.sequential import _Flushed, lazy_devices, sequential_pass
+
+    done_file = rank_dir / _DONE
+    done = read_json(done_file, "finished shard record") if done_file.is_file() else None
+    if done is not None and done["run_hash"] == rank_hash:
+        lazy_devices(subjects, plan)
+        work = Accumulation(plan, stats_device, allocate=False)
+        acc = _Flushed(moments=work.acc.moments)
+        acc.written = dict(done["written"])
+        verify_shards(rank_dir, acc.written, f"the finished shard in {rank_dir}")
+        work.acc = acc
+        work.dumps.restore(done["dumps"])
+        work.tokens = dict(done["tokens"])
+        return work, (float(done["seconds"][0]), float(done["seconds"][1]))
+    done_file.unlink(missing_ok=True)
+    title = (
+        f"capture {'+'.join(plan.roles)} (sequential), rank {rank_dir.name.removeprefix('rank-')}"
+    )
+    work, seconds = sequential_pass(
+        subjects,
+        plan,
+        rank_dir,
+        rank_hash,
+        span=span,
+        overwrite=overwrite,
+        progress=progress,
+        stats_device=stats_device,
+        on_block=on_block,
+        title=title,
+    )
+    record = {
+        "run_hash": rank_hash,
+        "written": work.acc.written,  # type: ignore[attr-defined]
+        "dumps": work.dumps.state(),
+        "tokens": work.tokens,
+        "seconds": list(seconds),
+    }
+    write_json_atomic(done_file, record)
+    return work, seconds
+
+
 def run_rank(
     subjects: Any,
     documents: Sequence[Any],
@@ -198,11 +255,14 @@ def run_rank(
     progress: bool | ProgressFn = True,
     stats_device: str | torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
+    sequential: bool = False,
 ) -> Capture | None:
     """This rank's part of a distributed capture of ``documents`` (every rank passes all of
     them, in the same order); the default process group must be initialised. Returns the
     capture on rank 0 and None on the other ranks. Arguments as for
-    :func:`~gradfree.capture.runner.run_capture`."""
+    :func:`~gradfree.capture.runner.run_capture`; ``sequential``: the rank runs its shard block
+    by block (:mod:`.sequential`; the subjects may be lazy models) and reduces its shard files
+    one at a time."""
     cfg = make_config(config)
     if not isinstance(subjects, Mapping):
         subjects = {"model": subjects}
@@ -214,9 +274,27 @@ def run_rank(
     first, stop = shard_range(plan.n_batches, world.rank, world.size)
     run_hash = plan.run_hash()
     rank_hash = sha256_text(f"{run_hash}: rank {world.rank} of {world.size}, {first}-{stop}")
-    work = Accumulation(plan, stats_device)
     if not resume:
         shutil.rmtree(rank_dir, ignore_errors=True)
+    if sequential:
+        shown = progress if world.rank == 0 else False
+        # on_batch(i) hears of each finished block i here
+        blocks = None if on_batch is None else (lambda _role, i, _s: on_batch(i))
+        work, seconds = _sequential_shard(
+            subjects,
+            plan,
+            rank_dir,
+            rank_hash,
+            (first, stop),
+            overwrite,
+            shown,
+            stats_device,
+            blocks,
+        )
+        info = {**_shard_info(plan, world, first, stop), "tokens": dict(work.tokens)}
+        info.update(seconds=round(seconds[0], 3), cpu_seconds=round(seconds[1], 3))
+        return _reduce_and_write(work, world, out, rank_dir, run_hash, corpus, info)
+    work = Accumulation(plan, stats_device)
     begin = max(first, _resume(work, rank_dir, rank_hash, overwrite))
     rank_dir.mkdir(parents=True, exist_ok=True)
     span = (first, begin, stop)
@@ -257,6 +335,30 @@ def _reduce_stats(work: Accumulation) -> None:
     for cs, c in zip(cross, totals[len(moments) :], strict=False):
         cs.count = c
     work.tokens = {"head": totals[-2], "body": totals[-1], "all": totals[-2] + totals[-1]}
+
+
+def _reduce_shards(work: Accumulation, rank_dir: Path, final: Path, rank: int) -> dict[str, Any]:
+    """SUM-reduce (MAX for absmax) the shard files a sequential rank wrote, one file at a time
+    (every rank holds the same files: the plan is the same); rank 0 writes each into ``final``
+    and returns their records. The token totals are reduced too."""
+    import torch.distributed as dist
+
+    dev = next(iter(work.dev.values()))
+    written: dict[str, Any] = {}
+    for rel in sorted(work.acc.written):  # type: ignore[attr-defined]
+        tensors = read_shard(rank_dir / rel)
+        for name in sorted(tensors):
+            t = tensors[name].to(dev, copy=True)
+            op = dist.ReduceOp.MAX if name.endswith("/absmax") else dist.ReduceOp.SUM
+            dist.reduce(t, dst=0, op=op)
+            tensors[name] = t
+        if rank == 0:
+            written[rel] = save_shard(final / rel, tensors)
+    n = torch.tensor([work.tokens["head"], work.tokens["body"]], dtype=torch.int64, device=dev)
+    dist.reduce(n, dst=0, op=dist.ReduceOp.SUM)
+    head, body = (int(v) for v in n.tolist())
+    work.tokens = {"head": head, "body": body, "all": head + body}
+    return written
 
 
 def _reduce_dumps(work: Accumulation, rank: int, size: int, rank_dir: Path) -> DumpWriter:
@@ -312,22 +414,30 @@ def _reduce_and_write(
     import torch.distributed as dist
 
     infos: list[Any] = [None] * world.size
+    final = rank_dir.parent / "final"
+    if world.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
+    sequential = hasattr(work.acc, "written")  # a sequential rank: its statistics are in files
     try:
-        _reduce_stats(work)
+        if sequential:
+            written = _reduce_shards(work, rank_dir, final, world.rank)
+        else:
+            _reduce_stats(work)
         dumps = _reduce_dumps(work, world.rank, world.size, rank_dir)
         dist.all_gather_object(infos, info)
     except RuntimeError as e:  # most often a peer that died: then that one is the cause
         raise ReduceFailed(f"The reduce onto rank 0 failed ({e})") from e
     if world.rank == 0:
         work.dumps = dumps
-        final = rank_dir.parent / "final"
-        shutil.rmtree(final, ignore_errors=True)
-        final.mkdir()
+        if sequential:
+            work.acc.written = written  # type: ignore[attr-defined]
         extra = {
             "distributed": {
                 "world_size": world.size,
                 "backend": dist.get_backend(),
                 "sharding": "contiguous blocks of batches in corpus order",
+                "mode": "sequential" if sequential else "whole-model",
                 "ranks": infos,
             }
         }

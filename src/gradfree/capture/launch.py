@@ -57,18 +57,22 @@ def capture_rank(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    sequential: bool = False,
 ) -> Capture | None:
     """:func:`~gradfree.capture.corpus.capture_corpus` as one rank of a distributed capture:
-    loads the models on the rank's device, joins the process group, runs :func:`run_rank`."""
+    loads the models on the rank's device (``sequential``: lazily, block by block), joins the
+    process group, runs :func:`run_rank`."""
     from gradfree.capture.corpus import corpus_inputs
     from gradfree.models import load_model
+    from gradfree.models.lazy import load_lazy
 
     _set_threads(world)
     dev = rank_device(device, world)
     check_new_output(out, overwrite)
+    load = load_lazy if sequential else load_model
     with process_group(dev):
         docs, manifest, subjects = corpus_inputs(
-            models, corpus, split, limit, lambda spec: load_model(spec, device=dev, dtype=dtype)
+            models, corpus, split, limit, lambda spec: load(spec, device=dev, dtype=dtype)
         )
         return run_rank(
             subjects,
@@ -80,6 +84,7 @@ def capture_rank(
             overwrite=overwrite,
             progress=progress,
             on_batch=on_batch,
+            sequential=sequential,
         )
 
 
@@ -147,6 +152,7 @@ def launch_capture(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    sequential: bool = False,
 ) -> Capture:
     """Capture with ``workers`` local ranks started by torch's elastic launcher (a c10d
     rendezvous on 127.0.0.1, no restarts); returns the capture rank 0 wrote. ``on_batch`` runs
@@ -170,6 +176,7 @@ def launch_capture(
         "dtype": dtype,
         "overwrite": overwrite,
         "progress": progress,
+        "sequential": sequential,
     }
     errors = Path(tempfile.mkdtemp(prefix="gradfree-workers-"))
     launch = LaunchConfig(

@@ -220,6 +220,8 @@ def _embedded(run: _Run, subject: Any, adapter: ModelAdapter, calls: _Calls) -> 
     """Block 0's input for every batch, from the model's own embedding step."""
     store = run.file("hidden-0.bin")
     embed = adapter.embed_tokens
+    if not run.batches:  # a distributed rank with an empty shard: its statistics stay zero
+        return store
     if isinstance(subject, LazyModel) and type(embed) is nn.Embedding:
         # A plain lookup reads only the rows of the tokens seen, not the whole table.
         seen = torch.unique(torch.cat([ids.reshape(-1) for ids, _, _ in run.batches]))
@@ -370,6 +372,72 @@ def _start(partial: Path, run_hash: str, overwrite: bool, resume: bool) -> dict[
     return None
 
 
+def lazy_devices(subjects: Mapping[str, Any], plan: Any) -> None:
+    """Point each lazy role's plan at its model's device (the skeleton's parameters are on
+    meta), where its activations and statistics live."""
+    for role, rp in plan.roles.items():
+        if isinstance(subjects[role], LazyModel):
+            rp.device = subjects[role].device
+
+
+def sequential_pass(
+    subjects: Mapping[str, Any],
+    plan: Any,
+    partial: Path,
+    run_hash: str,
+    *,
+    span: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    resume: bool = True,
+    progress: bool | ProgressFn = True,
+    stats_device: str | torch.device | None = None,
+    on_block: OnBlock | None = None,
+    title: str | None = None,
+) -> tuple[Accumulation, tuple[float, float]]:
+    """Run the plan's roles block by block over batches ``span = (first, stop)`` of the plan
+    (all when None) in the work folder ``partial``; every statistic ends up in shards there
+    (``work.acc.written``). Returns the accumulation and (wall, CPU) seconds of the pass. A
+    single process then writes its capture (:func:`run_sequential`); a distributed rank reduces
+    its shards onto rank 0 (:mod:`.distributed`)."""
+    lazy_devices(subjects, plan)
+    state = _start(partial, run_hash, overwrite, resume)
+    work = Accumulation(plan, stats_device, allocate=False)
+    work.acc = _Flushed(moments=work.acc.moments)
+    work.acc.written = {}
+    first, stop = span if span is not None else (0, plan.n_batches)
+    batches = []
+    for b, windows in enumerate(_batches(plan)):
+        if first <= b < stop:
+            ids, mask = work.prepare(windows)
+            assert work.batch is not None
+            batches.append((ids, mask, work.batch))
+    work.batch = None
+    run = _Run(work, batches, partial, run_hash, on_block)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        current, start, store = run.restore(state) if state else ("", 0, None)
+        steps = {r: _layout(rp)[1] + 1 + (None in _layout(rp)[0]) for r, rp in plan.roles.items()}
+        done = sum(steps[r] for r in run.roles_done) + (
+            start if current not in run.roles_done else 0
+        )
+        with reporting(progress) as report:
+            title = title or f"capture {'+'.join(plan.roles)} (sequential)"
+            run.bar = counter(report, title, sum(steps.values()), "blocks", done)
+            for role, rp in plan.roles.items():  # teacher before student
+                if role in run.roles_done:
+                    continue
+                sink = work.sink(role)
+                sink = _teacher_sink(run, sink) if role == "teacher" else sink
+                resumed = role == current and start > 0
+                _role(run, rp, subjects[role], sink, *((start, store) if resumed else (0, None)))
+    finally:
+        for f in run.files:
+            f.close(unlink=False)  # kept for a resume; the folder goes when the capture is done
+    shutil.rmtree(run.scratch)
+    (partial / _STATE).unlink()
+    return work, (time.perf_counter() - t0, time.process_time() - cpu0)
+
+
 def run_sequential(
     subjects: Any,
     documents: Sequence[Any],
@@ -392,46 +460,20 @@ def run_sequential(
     if not isinstance(subjects, Mapping):
         subjects = {"model": subjects}
     plan = make_plan(subjects, documents, cfg)
-    for role, rp in plan.roles.items():
-        if isinstance(subjects[role], LazyModel):
-            rp.device = subjects[role].device  # the skeleton's parameters are on meta
     out = check_new_output(Path(out), overwrite)
     partial = _partial_dir(out)
-    state = _start(partial, plan.run_hash(), overwrite, resume)
-    work = Accumulation(plan, stats_device, allocate=False)
-    work.acc = _Flushed(moments=work.acc.moments)
-    work.acc.written = {}
-    batches = []
-    for windows in _batches(plan):
-        ids, mask = work.prepare(windows)
-        assert work.batch is not None
-        batches.append((ids, mask, work.batch))
-    work.batch = None
-    run = _Run(work, batches, partial, plan.run_hash(), on_block)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    try:
-        current, start, store = run.restore(state) if state else ("", 0, None)
-        steps = {r: _layout(rp)[1] + 1 + (None in _layout(rp)[0]) for r, rp in plan.roles.items()}
-        done = sum(steps[r] for r in run.roles_done) + (
-            start if current not in run.roles_done else 0
-        )
-        with reporting(progress) as report:
-            title = f"capture {'+'.join(plan.roles)} (sequential)"
-            run.bar = counter(report, title, sum(steps.values()), "blocks", done)
-            for role, rp in plan.roles.items():  # teacher before student
-                if role in run.roles_done:
-                    continue
-                sink = work.sink(role)
-                sink = _teacher_sink(run, sink) if role == "teacher" else sink
-                resumed = role == current and start > 0
-                _role(run, rp, subjects[role], sink, *((start, store) if resumed else (0, None)))
-    finally:
-        for f in run.files:
-            f.close(unlink=False)  # kept for a resume; the folder goes when the capture is done
-    shutil.rmtree(run.scratch)
-    (partial / _STATE).unlink()
-    seconds = (time.perf_counter() - t0, time.process_time() - cpu0)
-    _finish(work, partial, out, run.run_hash, corpus, seconds)
+    work, seconds = sequential_pass(
+        subjects,
+        plan,
+        partial,
+        plan.run_hash(),
+        overwrite=overwrite,
+        resume=resume,
+        progress=progress,
+        stats_device=stats_device,
+        on_block=on_block,
+    )
+    _finish(work, partial, out, plan.run_hash(), corpus, seconds)
     return load_capture(out, verify=False)
 
 
@@ -462,4 +504,4 @@ def capture_corpus_sequential(
     )
 
 
-__all__ = ["capture_corpus_sequential", "run_sequential"]
+__all__ = ["capture_corpus_sequential", "run_sequential", "sequential_pass"]

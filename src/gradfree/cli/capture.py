@@ -158,14 +158,12 @@ def _runner(workers: int, sequential: bool) -> Any:
     from gradfree.capture.launch import capture_distributed
 
     distributed = workers > 1 or world_from_env() is not None  # --workers N, or under torchrun
+    if distributed:
+        return functools.partial(capture_distributed, workers=workers, sequential=sequential)
     if sequential:
-        if distributed:
-            raise GradfreeError("--sequential cannot be combined with distributed capture yet.")
         from gradfree.capture.sequential import capture_corpus_sequential
 
         return capture_corpus_sequential
-    if distributed:
-        return functools.partial(capture_distributed, workers=workers)
     return capture_corpus
 
 

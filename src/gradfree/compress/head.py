@@ -29,7 +29,7 @@ from gradfree.adapters import get_adapter
 from gradfree.base.numerics import f64
 from gradfree.base.progress import ProgressFn, reporting, silent
 from gradfree.capture import Capture
-from gradfree.evaluation.reference import Sums, TeacherReference, teacher_reference
+from gradfree.evaluation.reference import Sums, TeacherReference, TeacherRows, teacher_reference
 from gradfree.surgery.edit import assign_, param
 
 
@@ -115,8 +115,26 @@ def score_head(val: Sequence[ValidationDoc], head: torch.Tensor) -> dict[str, An
 
 def head_scores(val: Sequence[ValidationDoc], head: torch.Tensor) -> dict[str, float]:
     """Token-weighted KL(teacher ‖ student) and perplexity of ``head`` on next-token positions."""
-    sc = score_head(val, head)
+    return _scores(score_head(val, head))
+
+
+def _scores(sc: dict[str, Any]) -> dict[str, float]:
     return {"kl": sc["kl"], "ppl": sc["ppl"], "tokens": float(sc["tokens"])}
+
+
+def _head_stats(
+    student: nn.Module, teacher: nn.Module | torch.Tensor, cap: Capture
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """E[x_S x_Sᵀ], the function of the XᵀY columns a:b, and the student's head weight."""
+    h_t = teacher if isinstance(teacher, torch.Tensor) else param(get_adapter(teacher).lm_head)
+    xtx = cap.stats("student", "final.normed").second_moment()
+    cr = cap.cross("final.normed", "final.normed")
+    c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
+
+    def xty(a: int, b: int) -> torch.Tensor:
+        return c_st @ f64(h_t[a:b]).T
+
+    return xtx, xty, param(get_adapter(student).lm_head)
 
 
 @torch.no_grad()
@@ -132,23 +150,61 @@ def ridge_head(
     solved in float64 in row chunks over the vocabulary, stored in ``dtype``. ``teacher`` is the
     teacher model or just its LM head weight (V × d_T): the solve needs nothing else of it, so a
     caller may free the teacher's body first."""
-    from gradfree.solvers import ridge_from_stats_chunked
+    return ridge_heads(student, teacher, cap, [rel_lam], chunk, dtype)[0]
 
-    s = get_adapter(student)
-    h_t = teacher if isinstance(teacher, torch.Tensor) else param(get_adapter(teacher).lm_head)
-    xtx = cap.stats("student", "final.normed").second_moment()
-    cr = cap.cross("final.normed", "final.normed")
-    c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
-    h_s = param(s.lm_head)
-    return ridge_from_stats_chunked(
+
+@torch.no_grad()
+def ridge_heads(
+    student: nn.Module,
+    teacher: nn.Module | torch.Tensor,
+    cap: Capture,
+    rel_lams: Sequence[float],
+    chunk: int = 8192,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """:func:`ridge_head` for several λ, each chunk's cross-moment product computed once."""
+    from gradfree.solvers import ridge_path_chunked
+
+    xtx, xty, h_s = _head_stats(student, teacher, cap)
+    return ridge_path_chunked(
         xtx,
-        lambda a, b: c_st @ f64(h_t[a:b]).T,
+        xty,
         h_s.shape[0],
+        rel_lams,
         prior=lambda a, b: f64(h_s[a:b]),
-        rel_lam=rel_lam,
         chunk=chunk,
         dtype=dtype,
     )
+
+
+@torch.no_grad()
+def _score_grid(
+    val: Sequence[ValidationDoc],
+    h_s: torch.Tensor,
+    ridge: Sequence[torch.Tensor],
+    blends: Sequence[float],
+    progress: ProgressFn = silent,
+) -> tuple[Sums, list[list[Sums]]]:
+    """The student's head and every blend β·H(λ) + (1 − β)·H_S scored in one pass over the
+    windows: the logits of a blend are the same blend of the two heads' logits, so a window
+    costs one product per head, and its teacher side is prepared once."""
+    base = Sums(len(val))
+    grid = [[Sums(len(val)) for _ in blends] for _ in ridge]
+    for k, v in enumerate(val):
+        x, targets = v.states.to(torch.float32)[:-1], v.ids[1:]
+        teacher = TeacherRows.of(v.teacher_logp[:-1])
+        z_s = x @ h_s.T
+        base.add_rows(torch.log_softmax(z_s, -1), teacher, targets, k)
+        z = torch.empty_like(z_s)
+        for i, h_r in enumerate(ridge):
+            d = torch.sub(x @ h_r.T, z_s)
+            for j, beta in enumerate(blends):
+                torch.add(z_s, d, alpha=beta, out=z)
+                z.sub_(torch.logsumexp(z, -1, keepdim=True))  # log-probs, in place
+                grid[i][j].add_rows(z, teacher, targets, k)
+            del d
+        progress("ridge heads", k + 1, len(val), "validation windows")
+    return base, grid
 
 
 def select_ridge_head(
@@ -162,24 +218,41 @@ def select_ridge_head(
 ) -> HeadChoice:
     """The (λ, β) with the lowest validation KL, the student's own head (β = 0) included;
     ``teacher``: the model or its LM head weight (see :func:`ridge_head`); ``progress`` hears
-    of each candidate scored."""
+    of each validation window scored."""
     h_s = param(get_adapter(student).lm_head).detach().to(torch.float32)
-    base = head_scores(val, h_s)
-    best: tuple[float, float | None, float, torch.Tensor | None] = (base["kl"], None, 0.0, None)
-    best_scores, rows = base, []
-    for lam in lambdas:
-        h_r = ridge_head(student, teacher, cap, lam)
-        for beta in blends:
-            h = beta * h_r + (1.0 - beta) * h_s
-            sc = head_scores(val, h)
+    ridge = ridge_heads(student, teacher, cap, lambdas)
+    base_sums, grid = _score_grid(val, h_s, ridge, blends, progress)
+    base = _scores(base_sums.result())
+    best, at, rows = base, (-1, -1), []
+    for i, lam in enumerate(lambdas):
+        for j, beta in enumerate(blends):
+            sc = _scores(grid[i][j].result())
             rows.append({"lambda": lam, "blend": beta, **sc})
-            progress("ridge heads", len(rows), len(lambdas) * len(blends), "candidates")
-            if sc["kl"] < best[0]:
-                best, best_scores = (sc["kl"], lam, beta, h), sc
-            else:
-                del h
-        del h_r
-    return HeadChoice(best[3], best[1], best[2], base, best_scores, rows)
+            if sc["kl"] < best["kl"]:
+                best, at = sc, (i, j)
+    if at[0] < 0:
+        return HeadChoice(None, None, 0.0, base, best, rows)
+    lam, beta = lambdas[at[0]], blends[at[1]]
+    return HeadChoice(beta * ridge[at[0]] + (1.0 - beta) * h_s, lam, beta, base, best, rows)
+
+
+@torch.no_grad()
+def score_heads(
+    student: nn.Module, ref: TeacherReference, heads: dict[str, torch.Tensor | None]
+) -> dict[str, dict[str, Any]]:
+    """:func:`~gradfree.evaluation.reference.score` of the student with each of ``heads``
+    (None: its own head) against one teacher reference. The heads differ only after the final
+    norm, so the body runs once per window and each head costs one product."""
+    own = param(get_adapter(student).lm_head).detach()
+    sums = {name: Sums(max(ref.docs) + 1 if ref.docs else 0) for name in heads}
+    for k, w in enumerate(ref.ids):
+        x = final_states(student, w)[:-1].to(torch.float32)
+        teacher = TeacherRows.of(ref.teacher_logp(k)[:-1])
+        for name, head in heads.items():
+            weight = (own if head is None else head).to(x.device, torch.float32)
+            logp = torch.log_softmax(x @ weight.T, -1).cpu()
+            sums[name].add_rows(logp, teacher, w[1:], ref.docs[k])
+    return {name: s.result() for name, s in sums.items()}
 
 
 def compare_heads(

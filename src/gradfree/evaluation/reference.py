@@ -149,6 +149,25 @@ def teacher_reference(
     return ref
 
 
+@dataclass
+class TeacherRows:
+    """The teacher's side of one window's scores, prepared once for any number of models:
+    its probabilities, its Σ p·log p and its top-1 token per position."""
+
+    p: torch.Tensor  # (t, vocab) float32
+    plogp: float
+    top: torch.Tensor  # (t,)
+
+    @classmethod
+    def of(cls, lt: torch.Tensor) -> TeacherRows:
+        """From the teacher's float32 log-probs ``lt`` (one row per predicted position)."""
+        # The float16 reference can hold -inf for vanishing probabilities: exp gives 0, and
+        # 0·(−inf) would be NaN, so those terms are dropped (their true weight is < 1e-7).
+        p = lt.exp()
+        plogp = float(torch.where(p > 0, p * lt, torch.zeros_like(p)).sum())
+        return cls(p, plogp, lt.argmax(-1))
+
+
 class Sums:
     """Running sums of KL(teacher ‖ model), NLL and top-1 agreement over next-token positions,
     overall and per document."""
@@ -164,14 +183,22 @@ class Sums:
     ) -> None:
         """One window: the model's log-probs ``logp`` and the teacher's ``lt`` (float32, one row
         per predicted position) and the ``targets`` they predict."""
-        # The float16 reference can hold -inf for vanishing probabilities: exp gives 0, and
-        # 0·(−inf − x) would be NaN, so those terms are dropped (their true weight is < 1e-7).
-        # For finite log-probs the dropped terms are zeros, so the sum is the plain one.
-        pt = lt.exp()
-        term = float(torch.where(pt > 0, pt * (lt - logp), torch.zeros_like(pt)).sum())
+        self.add_rows(logp, TeacherRows.of(lt), targets, doc)
+
+    def add_rows(
+        self,
+        logp: torch.Tensor,
+        teacher: TeacherRows,
+        targets: torch.Tensor,
+        doc: int | None = None,
+    ) -> None:
+        """:meth:`add` with the teacher's side prepared (:class:`TeacherRows`), for scoring
+        many models on one window: KL = Σ p·log p − Σ p·logp, the second sum one dot product
+        (the model's log-probs are finite, so terms with p = 0 add nothing)."""
+        term = teacher.plogp - float(torch.dot(teacher.p.reshape(-1), logp.reshape(-1)))
         self.kl += term
         self.nll -= float(logp.gather(1, targets[:, None]).sum())
-        self.agree += int((logp.argmax(-1) == lt.argmax(-1)).sum())
+        self.agree += int((logp.argmax(-1) == teacher.top).sum())
         self.n += len(targets)
         if doc is not None:
             self.doc_kl[doc] += term

@@ -304,18 +304,22 @@ def _reference_stage(
 def _score_stage(
     cfg: DemoConfig, student: Any, choice: Any, refs: dict[str, Any], watch: Any, say: Any
 ) -> dict[str, Any]:
-    """The native student, then the distilled one, scored against the same references; the
-    bootstrap interval (over documents) of their task-KL difference."""
-    from gradfree.compress.head import apply_head_
-    from gradfree.evaluation.reference import bootstrap_delta, score
+    """The native and the distilled student scored against the same references (one pass of
+    the student's body per window: they differ only in the head); the bootstrap interval (over
+    documents) of their task-KL difference. The distilled head is then given to the student."""
+    from gradfree.compress.head import apply_head_, score_heads
+    from gradfree.evaluation.reference import bootstrap_delta
 
-    scores: dict[str, Any] = {}
-    for row in ("native", "distilled"):
-        if row == "distilled" and choice.head is not None:
-            apply_head_(student.model, choice.head)
-        say(f"scoring the {row} student")
-        with watch.stage(f"score the {row} student"):
-            scores[row] = {name: score(student.model, ref) for name, ref in refs.items()}
+    scores: dict[str, Any] = {"native": {}, "distilled": {}}
+    heads = {"native": None, "distilled": choice.head}
+    say("scoring the native and the distilled student")
+    with watch.stage("score the native and the distilled student"):
+        for name, ref in refs.items():
+            got = score_heads(student.model, ref, heads)
+            for row in heads:
+                scores[row][name] = got[row]
+    if choice.head is not None:
+        apply_head_(student.model, choice.head)
     scores["teacher"] = {name: dict(ref.teacher) for name, ref in refs.items()}
     lo, hi = bootstrap_delta(
         scores["native"]["heldout"], scores["distilled"]["heldout"], cfg.bootstrap_samples

@@ -59,6 +59,7 @@ from gradfree.solvers.ridge import (
     resolve_lambda,
     ridge_from_stats,
     ridge_from_stats_chunked,
+    ridge_path_chunked,
 )
 from gradfree.solvers.rope_pairs import pair_rotation, rope_pair_procrustes
 from gradfree.solvers.tiers import (
@@ -103,6 +104,7 @@ __all__ = [
     "resolve_lambda",
     "ridge_from_stats",
     "ridge_from_stats_chunked",
+    "ridge_path_chunked",
     "rope_pair_procrustes",
     "semi_orthogonal_map",
     "transition_cost",

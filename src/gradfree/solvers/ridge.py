@@ -17,7 +17,7 @@ callable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -145,3 +145,29 @@ def ridge_from_stats_chunked(
     ):
         out[start:stop] = w.to(dtype)
     return out
+
+
+def ridge_path_chunked(
+    xtx: torch.Tensor,
+    xty_fn: Callable[[int, int], torch.Tensor],
+    n_out: int,
+    rel_lams: Sequence[float],
+    prior: PriorLike = None,
+    chunk: int = 8192,
+    dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
+    """:func:`ridge_from_stats_chunked` for several relative λ at once: each chunk of XᵀY is
+    computed once and solved for every λ (its most expensive part for an LM head, whose XᵀY
+    columns are products with the teacher's head). One W (n_out×in, ``dtype``) per λ."""
+    if chunk < 1 or n_out < 1:
+        raise ValueError("chunk and n_out must be positive")
+    lams = [resolve_lambda(xtx, rel_lam=r) for r in rel_lams]
+    factors = [_Factor(xtx, lam) for lam in lams]
+    outs = [torch.empty(n_out, xtx.shape[0], dtype=dtype, device=xtx.device) for _ in lams]
+    for start in range(0, n_out, chunk):
+        stop = min(start + chunk, n_out)
+        p = prior(start, stop) if callable(prior) else None if prior is None else prior[start:stop]
+        xty = xty_fn(start, stop).to(factors[0].a.device)
+        for lam, factor, out in zip(lams, factors, outs, strict=True):
+            out[start:stop] = factor.solve(_rhs(xty, p, lam)).T.to(dtype)
+    return outs
