@@ -35,11 +35,19 @@ from gradfree.surgery.edit import assign_, param
 
 @dataclass
 class ValidationDoc:
-    """One validation window: token ids, the student's final normed states, teacher log-probs."""
+    """One validation window: token ids, the student's final normed states, and the teacher's
+    log-probs (window ``index`` of a teacher reference: in memory, or on disk when it has a
+    folder)."""
 
     ids: torch.Tensor  # (t,)
     states: torch.Tensor  # (t, d_S)
-    teacher_logp: torch.Tensor  # (t, vocab), float32
+    ref: TeacherReference
+    index: int
+
+    @property
+    def teacher_logp(self) -> torch.Tensor:
+        """(t, vocab), float32."""
+        return self.ref.teacher_logp(self.index)
 
 
 @dataclass
@@ -80,10 +88,7 @@ def final_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def validation_docs(student: nn.Module, ref: TeacherReference) -> list[ValidationDoc]:
     """The windows of a teacher reference of log-probs, with the student's final normed states."""
-    return [
-        ValidationDoc(w, final_states(student, w).cpu(), ref.teacher_logp(k))
-        for k, w in enumerate(ref.ids)
-    ]
+    return [ValidationDoc(w, final_states(student, w).cpu(), ref, k) for k, w in enumerate(ref.ids)]
 
 
 def validation_set(
@@ -92,11 +97,12 @@ def validation_set(
     tokenizer: Any,
     docs: Sequence[Any],
     max_length: int = 256,
+    folder: Path | None = None,
 ) -> list[ValidationDoc]:
     """The first ``max_length`` tokens of each document (of at least 2): the teacher's
-    log-probs kept in memory (:func:`~gradfree.evaluation.reference.teacher_reference`) and the
-    student's final states."""
-    ref = teacher_reference(teacher, tokenizer, docs, None, max_length, first_only=True)
+    log-probs (:func:`~gradfree.evaluation.reference.teacher_reference`: float32 in memory, or
+    float16 in ``folder``) and the student's final states."""
+    ref = teacher_reference(teacher, tokenizer, docs, folder, max_length, first_only=True)
     return validation_docs(student, ref)
 
 

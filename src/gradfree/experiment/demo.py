@@ -149,7 +149,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, say: Any
     with atomic_dir(out, overwrite=overwrite) as tmp:
         cap = _capture_stage(cfg, teacher, student, texts["fit"], tmp, watch, say)
         spectra = _spectra_stage(cfg, teacher, student, tmp, watch, say)
-        val = _validation_stage(cfg, teacher, student, texts["validation"], watch, say)
+        val = _validation_stage(cfg, teacher, student, texts["validation"], tmp, watch, say)
         refs = _reference_stage(cfg, teacher, texts, tmp, watch, say)
         # The rest needs only the teacher's LM head: its body (~5 GB for the 1.5B) goes before
         # the ridge solves, the demo's memory peak.
@@ -247,22 +247,37 @@ def _spectra_stage(
 
 
 def _validation_stage(
-    cfg: DemoConfig, teacher: Any, student: Any, docs: list[Any], watch: Any, say: Any
+    cfg: DemoConfig,
+    teacher: Any,
+    student: Any,
+    docs: list[Any],
+    tmp: Path,
+    watch: Any,
+    say: Any,
 ) -> Any:
     """The validation windows that choose the head: the student's final states and the
-    teacher's log-probabilities (the only teacher forward passes the head needs)."""
+    teacher's log-probabilities (the only teacher forward passes the head needs), kept on disk
+    in float16 like the other references (1.3 GB in memory as float32)."""
     from gradfree.compress.head import validation_set
 
     say(f"distilling the LM head: validation on {len(docs)} documents")
     with watch.stage("head: validation features (teacher + student)"):
-        return validation_set(student.model, teacher.model, student.tokenizer, docs, cfg.max_length)
+        return validation_set(
+            student.model,
+            teacher.model,
+            student.tokenizer,
+            docs,
+            cfg.max_length,
+            folder=tmp / ".scratch" / "validation",
+        )
 
 
 def _lm_head_weight(loaded: Any) -> Any:
     from gradfree.adapters import get_adapter
     from gradfree.surgery.edit import param
 
-    return param(get_adapter(loaded.model).lm_head).detach()
+    # A copy: a view would keep the whole memory-mapped checkpoint of the teacher resident.
+    return param(get_adapter(loaded.model).lm_head).detach().clone()
 
 
 def _head_stage(

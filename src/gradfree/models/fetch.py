@@ -172,6 +172,29 @@ def quiet_transformers(progress: bool) -> Iterator[None]:
             gguf_utils.tqdm = gguf_tqdm
 
 
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """transformers reads a GGUF file three times (config, tokenizer, weights), and each
+    ``GGUFReader`` parses every metadata field in Python: for a 151,936-token vocabulary that is
+    most of the load. The reader is read-only (a memory map), so one per file is shared."""
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real  # type: ignore[misc]
+
+
 def load_gguf(path: Path, dtype: Any = None, progress: bool = False) -> tuple[Any, Any]:
     """Load a GGUF file with transformers, de-quantised to dense ``dtype`` (default fp32).
 
@@ -181,7 +204,7 @@ def load_gguf(path: Path, dtype: Any = None, progress: bool = False) -> tuple[An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_transformers(progress):
+    with quiet_transformers(progress), _parse_gguf_once():
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model: Any = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype or torch.float32
