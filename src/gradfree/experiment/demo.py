@@ -195,8 +195,14 @@ def _capture_stage(
 
     say(f"capturing paired statistics on {len(docs)} calibration documents")
     with watch.stage("paired capture (teacher + student)"):
+        # Cross-moments only where the head needs them: the resid_pre ones (550 MB for this
+        # pair) served the compression recipes that left the demo for `make experiments`.
         capture_cfg = make_config(
-            sites=cfg.sites, max_length=cfg.max_length, batch_size=cfg.batch_size, seed=cfg.seed
+            sites=cfg.sites,
+            cross_sites=["final.normed"],
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
         )
         return run_capture(
             {"teacher": teacher, "student": student},
