@@ -9,7 +9,7 @@ RUNS   ?= runs
 PAIR   := --teacher qwen2.5-coder-1.5b-instruct --student qwen2.5-coder-0.5b-instruct
 STUDIES := seed000 ablation data-efficiency transfer composability slicing
 
-.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench clean
+.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,6 +73,15 @@ experiment-slicing: study-inputs
 bench: install
 	$(PY) scripts/bench_capture.py
 	$(PY) scripts/bench_capture.py --only sequential
+
+# the low-rank KV cache against DynamicCache and QuantizedCache (quanto, HQQ) on the three models
+bench-kv: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[kv]'
+	$(VENV)/bin/gradfree models fetch smollm2-135m-instruct
+	$(VENV)/bin/gradfree models fetch qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/gradfree models fetch qwen2.5-coder-1.5b-instruct
+	mkdir -p $(RUNS)/bench_kv
+	$(PY) scripts/bench_kv.py --json $(RUNS)/bench_kv/bench_kv.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

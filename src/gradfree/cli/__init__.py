@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "ablate",
     "ledger",
     "merge",
+    "kv",
     "demo",
 ]
 
