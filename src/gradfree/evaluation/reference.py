@@ -157,6 +157,7 @@ class TeacherRows:
     p: torch.Tensor  # (t, vocab) float32
     plogp: float
     top: torch.Tensor  # (t,)
+    scratch: torch.Tensor | None = None  # (t, vocab): the products of one score, reused
 
     @classmethod
     def of(cls, lt: torch.Tensor) -> TeacherRows:
@@ -194,9 +195,13 @@ class Sums:
     ) -> None:
         """:meth:`add` with the teacher's side prepared (:class:`TeacherRows`), for scoring
         many models on one window: KL = Σ p·log p − Σ p·logp (the model's log-probs are finite,
-        so terms with p = 0 add nothing). Both sums accumulate in float64: they are ~4× the KL
-        and of ~40M terms, and a float32 dot product of that length was off by 0.2 %."""
-        term = teacher.plogp - float((teacher.p * logp).sum(dtype=torch.float64))
+        so terms with p = 0 add nothing). The sums are ~4× the KL and of ~40M terms: a float32
+        BLAS dot product of that length was off by 0.2 %, torch's (cascade) sum of the products
+        is within 1e-7 and 5× cheaper than a float64 one; the products go to one buffer."""
+        if teacher.scratch is None or teacher.scratch.shape != logp.shape:
+            teacher.scratch = torch.empty_like(logp)
+        prod = torch.mul(teacher.p, logp, out=teacher.scratch)
+        term = teacher.plogp - float(prod.sum())
         self.kl += term
         self.nll -= float(logp.gather(1, targets[:, None]).sum())
         self.agree += int((logp.argmax(-1) == teacher.top).sum())
