@@ -117,6 +117,7 @@ def run_kv_fit(
                 {"kv": lambda: LowRankCache(bases, loaded.model)},
                 max_length=max_length,
                 chunk=chunk,
+                progress=report,
             )
         dense, kv = got["dense"], got["kv"]
         record: dict[str, Any] = {
