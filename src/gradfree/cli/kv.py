@@ -16,10 +16,22 @@ def fit(
     limit: int | None = LIMIT,
     budget: float = typer.Option(..., "--budget", help="Kept share of the KV-cache bytes, (0, 1]."),
     key_mode: str = typer.Option(
-        "pre_rope", "--key-mode", help="Keys: pre_rope (latent before RoPE), pairs, post_rope."
+        "pre_rope",
+        "--key-mode",
+        help="Keys: pre_rope (latent before RoPE), pairs, complex (across KV heads), post_rope.",
+    ),
+    metric: str = typer.Option(
+        "attention",
+        "--metric",
+        help="attention (key errors weighted by the queries, value errors by o_proj) or none.",
     ),
     allocation: str = typer.Option(
         "waterfill", "--allocation", help="Ranks: waterfill (by the spectra) or uniform."
+    ),
+    latent_bits: int | None = typer.Option(
+        None,
+        "--latent-bits",
+        help="8 or 4: store the latents as int8 / packed int4 with per-token scales.",
     ),
     eval_split: str | None = typer.Option(
         "heldout", "--eval-split", help="Split scored after the fit (default heldout)."
@@ -48,7 +60,9 @@ def fit(
         eval_split=eval_split,
         eval_limit=eval_limit,
         key_mode=key_mode,
+        metric=metric,
         allocation=allocation,
+        latent_bits=latent_bits,
         max_length=max_length,
         chunk=chunk,
         device=device,

@@ -1,12 +1,15 @@
-"""Low-rank KV caches (issue 14): per-head PCA bases of keys and values from captured statistics,
-ranks under a byte budget, and a transformers ``Cache`` that holds only the latents.
+"""Low-rank KV caches (issue 14): per-layer linear coders of keys and values fitted from
+captured statistics (PCA per head, RoPE pairs or complex maps across heads, optionally in the
+attention metric), ranks under a byte budget, and a transformers ``Cache`` that holds only the
+latents.
 
     bases = fit_bases(load_capture("cap"), 0.5, key_mode="pre_rope")   # sites k_pre, k_rope, v
     bases.save("kv")
     out = model.generate(ids, past_key_values=LowRankCache.from_dir("kv", model))
 
-:mod:`.bases` is pure maths on statistics; :mod:`.cache` imports transformers and is loaded only
-when :class:`LowRankCache` is first used, so that ``import gradfree.kv`` stays light.
+:mod:`.bases` and :mod:`.solve` are pure maths on statistics; :mod:`.cache` imports
+transformers and is loaded only when :class:`LowRankCache` is first used, so that
+``import gradfree.kv`` stays light.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from gradfree.kv.bases import (
     KEY_MODES,
-    HeadBasis,
+    METRICS,
     KVBases,
+    LayerCoder,
     allocate_ranks,
     check_budget,
-    fit_bases,
 )
+from gradfree.kv.solve import fit_bases
 
 if TYPE_CHECKING:
     from gradfree.kv.cache import LowRankCache
@@ -36,8 +40,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "KEY_MODES",
-    "HeadBasis",
+    "METRICS",
     "KVBases",
+    "LayerCoder",
     "LowRankCache",
     "allocate_ranks",
     "check_budget",

@@ -1,34 +1,23 @@
-"""Per-head PCA bases of keys and values for a low-rank KV cache, with ranks under a byte budget.
+"""What a low-rank KV cache stores: one linear coder per layer for keys and one for values, the
+byte budget, and rank allocation by water-filling.
 
-A budget F in (0, 1] is the kept share of the KV cache's bytes: the cache stores, per layer and
-KV head, an r-dimensional latent of each key and each value instead of its head_dim entries, and
-Σ r = floor(F · Σ head_dim) over every (layer, head, k|v) component.
+A budget F in (0, 1] is the kept share of the KV cache's bytes: per layer the cache stores an
+R-dimensional latent z = E (x − μ) of each token's keys (and one of its values) instead of their
+n_kv · head_dim entries, x̂ = D z + μ, and Σ R = floor(F · Σ n_kv · head_dim) over every layer's
+keys and values. How E, D and μ are fitted (key modes, metrics) is :mod:`gradfree.kv.solve`.
 
-Keys come in three modes (:data:`KEY_MODES`):
-
-* ``pre_rope``: centered PCA of the keys before RoPE (capture site ``k_pre``, after k_norm). RoPE
-  turns each key by a position-dependent rotation, so a fixed basis fits the pre-RoPE keys better;
-  the cache un-rotates incoming keys, stores the latent and re-applies RoPE after reconstruction.
-* ``pairs``: whole RoPE frequency pairs (dims j and j + head_dim/2 in HF's rotate-half layout) of
-  the post-RoPE keys, ranked by their un-centered energy E[k_j²] + E[k_{j+h/2}²]. A pair is a plane
-  that RoPE turns within itself, so keeping it commutes with RoPE and needs no mean or positions.
-* ``post_rope``: centered PCA of the keys after RoPE (site ``k_rope``), stored directly.
-
-Values are always a centered PCA of ``v``. Ranks are allocated by water-filling (greedily keep the
-largest trace-normalised eigenvalues across all components, every component keeping at least one
-dimension, a pair at a time in pairs mode) or uniformly. Eigen-decompositions are float64 with
-deterministic signs (:func:`gradfree.base.numerics.sym_eigh`); the bases are stored as float32.
+A coder is *per head* when its latent is a concatenation of one block per KV head
+(``head_ranks``: the block widths; E and D block-diagonal), as PCA per head is, or *mixing* when
+a latent dimension reads several KV heads (``head_ranks`` None: the ``complex`` key mode).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from gradfree.base.errors import GradfreeError
@@ -37,10 +26,10 @@ if TYPE_CHECKING:  # torch is imported lazily so that `import gradfree` stays li
     import torch
     from torch import nn
 
-KEY_MODES = ("pre_rope", "pairs", "post_rope")
+KEY_MODES = ("pre_rope", "pairs", "complex", "post_rope")
+METRICS = ("attention", "none")
 ALLOCATIONS = ("waterfill", "uniform")
-FORMAT = "gradfree.kv-bases/1"
-KEY_SITE = {"pre_rope": "k_pre", "pairs": "k_rope", "post_rope": "k_rope"}
+FORMAT = "gradfree.kv-bases/2"
 
 
 def check_budget(budget: Any) -> float:
@@ -54,132 +43,187 @@ def check_budget(budget: Any) -> float:
     return value
 
 
-def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
+def check_choice(value: str, choices: Sequence[str], what: str) -> None:
     if value not in choices:
         raise GradfreeError(f"The {what} must be one of {', '.join(choices)}, not {value!r}.")
 
 
 @dataclass
-class HeadBasis:
-    """The kept directions of one (layer, KV head, k|v): ``basis`` (head_dim, r) orthonormal
-    columns, ``mean`` (head_dim,) (zeros in pairs mode), ``eigenvalues`` (head_dim,) of the whole
-    spectrum in the order the directions are ranked (descending; per dim, pair by pair, in pairs
-    mode)."""
+class LayerCoder:
+    """One layer's keys or values, flattened over KV heads (d = n_kv · head_dim):
+    z = (x − ``mean``) ``encoder``ᵀ (R latents), x̂ = z ``decoder``ᵀ + ``mean``.
 
-    basis: torch.Tensor
+    ``head_ranks``: the latent's block width per KV head when E and D are block-diagonal (the
+    latent of head h is columns Σ_{g<h} r_g … of z), None when latents mix heads. ``spectra``:
+    each fitted component's eigenvalues in ranking order (reports only)."""
+
+    encoder: torch.Tensor
+    decoder: torch.Tensor
     mean: torch.Tensor
-    eigenvalues: torch.Tensor
+    head_ranks: list[int] | None
+    spectra: list[torch.Tensor]
 
     @property
     def rank(self) -> int:
-        return int(self.basis.shape[1])
+        return int(self.encoder.shape[0])
+
+    def head_slices(self) -> list[slice] | None:
+        """The latent columns of each KV head (per-head coders), else None."""
+        if self.head_ranks is None:
+            return None
+        out, start = [], 0
+        for r in self.head_ranks:
+            out.append(slice(start, start + r))
+            start += r
+        return out
 
 
 @dataclass
 class KVBases:
-    """The bases of every layer and KV head (``keys[layer][head]``, ``values[layer][head]``) and
-    what they were fitted for: key mode, budget, allocation and the model (``model_type``,
-    ``num_layers``, ``num_kv_heads``, ``head_dim``, ``fingerprint``: its config sha256 or None)."""
+    """The coders of every layer (``keys[layer]``, ``values[layer]``) and what they were fitted
+    for: key mode, metric, budget, allocation and the model (``model_type``, ``num_layers``,
+    ``num_kv_heads``, ``head_dim``, ``fingerprint``: its config sha256 or None)."""
 
     key_mode: str
+    metric: str
     head_dim: int
-    keys: list[list[HeadBasis]]
-    values: list[list[HeadBasis]]
+    keys: list[LayerCoder]
+    values: list[LayerCoder]
     budget: float
     allocation: str
     model: dict[str, Any]
 
-    def ranks(self) -> dict[str, list[list[int]]]:
-        """``{"keys": [[r per head] per layer], "values": [[r per head] per layer]}``."""
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.model["num_kv_heads"])
+
+    def ranks(self) -> dict[str, list[int]]:
+        """``{"keys": [R per layer], "values": [R per layer]}``."""
         return {
-            "keys": [[b.rank for b in layer] for layer in self.keys],
-            "values": [[b.rank for b in layer] for layer in self.values],
+            "keys": [c.rank for c in self.keys],
+            "values": [c.rank for c in self.values],
+        }
+
+    def head_ranks(self) -> dict[str, list[list[int] | None]]:
+        return {
+            "keys": [c.head_ranks for c in self.keys],
+            "values": [c.head_ranks for c in self.values],
         }
 
     def kept_share(self) -> float:
-        """Σ ranks / Σ head_dim over every key and value head."""
-        heads = [b for layer in self.keys + self.values for b in layer]
-        return sum(b.rank for b in heads) / (len(heads) * self.head_dim)
+        """Σ ranks / Σ n_kv · head_dim over every layer's keys and values."""
+        coders = self.keys + self.values
+        return sum(c.rank for c in coders) / (len(coders) * self.num_kv_heads * self.head_dim)
 
     # files ----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write ``bases.safetensors`` then ``bases.json`` into ``folder`` (created if needed),
-        each file atomically (temp file + rename): ``bases.json`` exists only once both are
-        complete, so a half-written folder never loads."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._write(folder)
-        return folder
-
-    def _write(self, folder: Path) -> None:
+        """Write ``bases.safetensors`` then ``bases.json`` (which records the tensors' sha256)
+        into ``folder`` (created if needed), each atomically: ``bases.json`` exists only once
+        both are complete, so a half-written folder never loads."""
         import torch
 
         from gradfree.base.io import write_json_atomic
         from gradfree.capture.store import save_shard
 
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for kind, table in (("k", self.keys), ("v", self.values)):
-            for i, layer in enumerate(table):
-                for h, b in enumerate(layer):
-                    for name in ("basis", "mean", "eigenvalues"):
-                        t = getattr(b, name).to(torch.float32).contiguous()
-                        tensors[f"{kind}.{i}.{h}.{name}"] = t
+            for i, c in enumerate(table):
+                for name in ("encoder", "decoder", "mean"):
+                    tensors[f"{kind}.{i}.{name}"] = getattr(c, name).to(torch.float32).contiguous()
+                for j, s in enumerate(c.spectra):
+                    tensors[f"{kind}.{i}.spectrum.{j}"] = s.to(torch.float32).contiguous()
         files = {"bases.safetensors": save_shard(folder / "bases.safetensors", tensors)}
         write_json_atomic(
             folder / "bases.json",
             {
                 "format": FORMAT,
                 "key_mode": self.key_mode,
+                "metric": self.metric,
                 "head_dim": self.head_dim,
                 "budget": self.budget,
                 "allocation": self.allocation,
                 "model": self.model,
                 "kept_share": self.kept_share(),
                 "ranks": self.ranks(),
+                "head_ranks": self.head_ranks(),
+                "spectra": {
+                    "keys": [len(c.spectra) for c in self.keys],
+                    "values": [len(c.spectra) for c in self.values],
+                },
                 "files": files,
             },
         )
+        return folder
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module | None = None) -> KVBases:
-        """Read bases written by :meth:`save`; with ``model``, refuse (one sentence) bases fitted
-        for a model of other type, depth, KV heads, head_dim or config fingerprint."""
+        """Read bases written by :meth:`save`, checking the tensors' file against its recorded
+        sha256; with ``model``, refuse (one sentence) bases fitted for a model of other type,
+        depth, KV heads, head_dim or config fingerprint."""
         from gradfree.base.io import read_json
         from gradfree.capture.store import read_shard
 
         folder = Path(folder)
         meta = read_json(folder / "bases.json", "KV bases description")
         if meta.get("format") != FORMAT:
-            raise GradfreeError(f"The folder {folder} does not hold gradfree KV bases.")
+            raise GradfreeError(
+                f"The folder {folder} does not hold gradfree KV bases of format {FORMAT}."
+            )
         path = folder / "bases.safetensors"
         if not path.is_file():
             raise GradfreeError(f"The KV bases file {path} does not exist.")
-        tensors = read_shard(path)
-        ranks = meta["ranks"]
+        _check_sha256(path, meta.get("files", {}).get("bases.safetensors"))
+        try:
+            tensors = read_shard(path)
+            ranks, heads, spectra = meta["ranks"], meta["head_ranks"], meta["spectra"]
 
-        def table(kind: str, key: str) -> list[list[HeadBasis]]:
-            return [
-                [
-                    HeadBasis(
-                        *(tensors[f"{kind}.{i}.{h}.{n}"] for n in ("basis", "mean", "eigenvalues"))
+            def table(kind: str, key: str) -> list[LayerCoder]:
+                return [
+                    LayerCoder(
+                        tensors[f"{kind}.{i}.encoder"],
+                        tensors[f"{kind}.{i}.decoder"],
+                        tensors[f"{kind}.{i}.mean"],
+                        None if heads[key][i] is None else [int(r) for r in heads[key][i]],
+                        [tensors[f"{kind}.{i}.spectrum.{j}"] for j in range(spectra[key][i])],
                     )
-                    for h in range(len(layer))
+                    for i in range(len(ranks[key]))
                 ]
-                for i, layer in enumerate(ranks[key])
-            ]
 
-        bases = cls(
-            str(meta["key_mode"]),
-            int(meta["head_dim"]),
-            table("k", "keys"),
-            table("v", "values"),
-            float(meta["budget"]),
-            str(meta["allocation"]),
-            dict(meta["model"]),
-        )
+            bases = cls(
+                str(meta["key_mode"]),
+                str(meta["metric"]),
+                int(meta["head_dim"]),
+                table("k", "keys"),
+                table("v", "values"),
+                float(meta["budget"]),
+                str(meta["allocation"]),
+                dict(meta["model"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise GradfreeError(f"The KV bases in {folder} are incomplete ({err}).") from None
+        bases._check_shapes(folder)
         if model is not None:
             bases.check_model(model)
         return bases
+
+    def _check_shapes(self, folder: Path) -> None:
+        d = self.num_kv_heads * self.head_dim
+        for kind, table in (("keys", self.keys), ("values", self.values)):
+            for i, c in enumerate(table):
+                r = c.rank
+                ok = (
+                    tuple(c.encoder.shape) == (r, d)
+                    and tuple(c.decoder.shape) == (d, r)
+                    and tuple(c.mean.shape) == (d,)
+                    and (c.head_ranks is None or sum(c.head_ranks) == r)
+                )
+                if not ok:
+                    raise GradfreeError(
+                        f"The KV bases in {folder} are inconsistent (the {kind} of layer {i} "
+                        "have the wrong shapes)."
+                    )
 
     def check_model(self, model: nn.Module) -> None:
         """GradfreeError (one sentence) unless these bases were fitted for ``model``."""
@@ -206,13 +250,25 @@ class KVBases:
             )
 
 
+def _check_sha256(path: Path, recorded: Any) -> None:
+    """One sentence when ``path``'s bytes do not hash to what bases.json recorded."""
+    from gradfree.base.io import sha256_file
+
+    want = recorded.get("sha256") if isinstance(recorded, dict) else recorded
+    if not isinstance(want, str):
+        raise GradfreeError(f"The KV bases description does not record the hash of {path}.")
+    if sha256_file(path) != want:
+        raise GradfreeError(
+            f"The KV bases file {path} is corrupted (its sha256 differs from bases.json's)."
+        )
+
+
 # rank allocation ------------------------------------------------------------------------------
-def _units(spectrum: torch.Tensor, paired: bool) -> list[float]:
-    """Trace-normalised energy per kept dimension of each successive unit (a dim, or a pair)."""
+def _units(spectrum: torch.Tensor, paired: bool, total: float) -> list[float]:
+    """Energy per kept dimension of each successive unit (a dim, or a pair), over ``total``."""
     import torch
 
     s = spectrum.detach().to(torch.float64).clamp_min(0.0)
-    total = float(s.sum())
     e = (s / total if total > 0 else torch.zeros_like(s)).tolist()
     if paired:
         return [(e[2 * i] + e[2 * i + 1]) / 2 for i in range(len(e) // 2)]
@@ -225,43 +281,60 @@ def allocate_ranks(
     allocation: str = "waterfill",
     *,
     paired: Sequence[bool] | None = None,
+    floors: Sequence[int] | None = None,
+    groups: Sequence[Hashable] | None = None,
+    shares: Sequence[float] | None = None,
 ) -> list[int]:
-    """One rank per component (one spectrum of head_dim eigenvalues each), Σ ranks =
-    floor(budget · Σ head_dim) exactly, every component keeping ≥ 1 dim.
+    """One rank per component (a spectrum of its eigenvalues each), Σ ranks =
+    floor(budget · Σ dims) exactly.
 
-    ``waterfill`` keeps the largest trace-normalised eigenvalues across all components;
-    ``uniform`` gives every component the same rank (remainder to the first ones). Components
-    flagged in ``paired`` (pairs-mode keys) take whole pairs, so their ranks are even: their
-    spectrum lists per-dim energies pair by pair and a pair competes with its mean energy.
+    ``waterfill`` keeps the largest normalised eigenvalues across all components, each
+    spectrum divided by the total of its group (``groups``; default: every component its own,
+    i.e. trace-normalised); ``uniform`` gives every component the same rank (remainder to the
+    first ones). Components flagged in ``paired`` take whole pairs (RoPE frequency pairs, or the
+    real and imaginary part of a complex latent): their ranks are even, their spectrum lists
+    per-dim energies pair by pair and a pair competes with its mean energy. Every component
+    keeps at least ``floors`` units (default 1; 0 lets a component drop out). ``shares``
+    multiply a component's normalised energies (default 1).
     """
     budget = check_budget(budget)
-    _check_choice(allocation, ALLOCATIONS, "allocation")
-    flags = [False] * len(spectra) if paired is None else [bool(p) for p in paired]
-    if len(flags) != len(spectra):
-        raise ValueError("paired must have one flag per spectrum")
+    check_choice(allocation, ALLOCATIONS, "allocation")
+    n = len(spectra)
+    flags = [False] * n if paired is None else [bool(p) for p in paired]
+    lows = [1] * n if floors is None else [int(f) for f in floors]
+    keys = list(range(n)) if groups is None else list(groups)
+    mult = [1.0] * n if shares is None else [float(x) for x in shares]
+    if len(flags) != n or len(lows) != n or len(keys) != n or len(mult) != n:
+        raise ValueError("paired, floors, groups and shares must have one entry per spectrum")
     if not spectra:
         raise GradfreeError("There are no components to allocate ranks to.")
     dims = [int(s.shape[0]) for s in spectra]
     if any(p and d % 2 for p, d in zip(flags, dims, strict=True)):
-        raise GradfreeError("A paired component needs an even head dimension.")
+        raise GradfreeError("A paired component needs an even dimension.")
     target = math.floor(budget * sum(dims) + 1e-9)
     cost = [2 if p else 1 for p in flags]
-    if target < sum(cost):
+    ranks = [c * f for c, f in zip(cost, lows, strict=True)]
+    if target < sum(ranks):
         raise GradfreeError(
-            f"The budget {budget:g} keeps {target} dimensions, fewer than the {sum(cost)} "
+            f"The budget {budget:g} keeps {target} dimensions, fewer than the {sum(ranks)} "
             "needed to keep one per head; raise the budget."
         )
-    units = [_units(s, p) for s, p in zip(spectra, flags, strict=True)]
-    ranks = list(cost)  # the first unit of every component
+    totals: dict[Hashable, float] = {}
+    for g, s in zip(keys, spectra, strict=True):
+        totals[g] = totals.get(g, 0.0) + float(s.double().clamp_min(0.0).sum())
+    units = [
+        [u * x for u in _units(s, p, totals[g])]
+        for s, p, g, x in zip(spectra, flags, keys, mult, strict=True)
+    ]
     left = target - sum(ranks)
     waterfill = allocation == "waterfill"
 
     def key(c: int) -> tuple[float, int]:
         # heapq pops the smallest: the largest energy first, or the smallest rank first.
-        n = ranks[c] // cost[c]
-        return (-units[c][n], c) if waterfill else (ranks[c], c)
+        u = ranks[c] // cost[c]
+        return (-units[c][u], c) if waterfill else (ranks[c], c)
 
-    heap = [(key(c), c) for c in range(len(spectra)) if ranks[c] < dims[c]]
+    heap = [(key(c), c) for c in range(n) if ranks[c] < dims[c]]
     heapq.heapify(heap)
     skipped: list[int] = []  # paired components that did not fit the last odd dimension
     while left > 0 and heap:
@@ -275,11 +348,9 @@ def allocate_ranks(
             heapq.heappush(heap, (key(c), c))
     if left == 1:
         # Only pairs fit what is left: give back the weakest extra single dim for one more pair.
-        singles = [c for c in range(len(spectra)) if cost[c] == 1 and ranks[c] > 1]
+        singles = [c for c in range(n) if cost[c] == 1 and ranks[c] > lows[c]]
         if not skipped or not singles:
-            raise GradfreeError(
-                f"The budget {budget:g} cannot be met exactly with whole RoPE pairs."
-            )
+            raise GradfreeError(f"The budget {budget:g} cannot be met exactly with whole pairs.")
         if waterfill:
             give = min(singles, key=lambda c: (units[c][ranks[c] - 1], -c))
             take = min(skipped, key=lambda c: (-units[c][ranks[c] // 2], c))
@@ -292,148 +363,14 @@ def allocate_ranks(
     return ranks
 
 
-# fitting ----------------------------------------------------------------------------------
-def _model_info(capture: Any, role: str) -> tuple[dict[str, Any], list[int]]:
-    from gradfree.adapters import config_head_dim, spec_for
-
-    entry = capture.manifest["roles"].get(role)
-    if entry is None:
-        raise GradfreeError(f"The capture has no role '{role}'.")
-    config = dict(entry.get("config") or {})
-    model_type = str(entry.get("model_type") or config.get("model_type"))
-    spec_for(model_type)  # an unsupported architecture is one sentence
-    c = SimpleNamespace(**config)
-    n_heads = int(config["num_attention_heads"])
-    info = {
-        "model_type": model_type,
-        "num_layers": int(entry["num_layers"]),
-        "num_kv_heads": int(config.get("num_key_value_heads") or n_heads),
-        "head_dim": config_head_dim(c),
-    }
-    return info, [int(i) for i in entry.get("layers", [])]
-
-
-def _site_stats(capture: Any, role: str, layer: int, site: str) -> Any:
-    key = f"blocks.{layer}.{site}"
-    if key not in capture.keys(role):
-        raise GradfreeError(
-            f"The capture has no statistics for {key}; capture k_pre, k_rope and v of every layer."
-        )
-    st = capture.stats(role, key)
-    if not st.full or st.count == 0:
-        raise GradfreeError(f"The capture of {key} needs a full covariance over some tokens.")
-    return st
-
-
-def _pca_head(vals: torch.Tensor, vecs: torch.Tensor, mean: torch.Tensor, rank: int) -> HeadBasis:
-    import torch
-
-    return HeadBasis(
-        vecs[:, :rank].to(torch.float32).contiguous(),
-        mean.to(torch.float32).clone(),
-        vals.to(torch.float32),
-    )
-
-
-def pca_head(cov: torch.Tensor, mean: torch.Tensor, rank: int) -> HeadBasis:
-    """Centered PCA of one head: the top-``rank`` eigenvectors of its covariance (float64,
-    signs fixed), kept as float32."""
-    from gradfree.base.numerics import sym_eigh
-
-    return _pca_head(*sym_eigh(cov), mean, rank)
-
-
-def pair_order(energy: torch.Tensor) -> torch.Tensor:
-    """Dims of every RoPE pair (j, j + h/2), pairs by descending energy (ties: lower j first)."""
-    import torch
-
-    h = int(energy.shape[0])
-    e = energy.to(torch.float64)
-    pair = e[: h // 2] + e[h // 2 :]
-    # A stable sort on the negated energies keeps ties in index order: deterministic.
-    order = torch.sort(-pair, stable=True).indices
-    return torch.stack([order, order + h // 2], dim=1).reshape(-1)
-
-
-def pairs_head(second_moment_diag: torch.Tensor, rank: int) -> HeadBasis:
-    """The first ``rank // 2`` pairs by energy, as columns of the identity (no mean)."""
-    import torch
-
-    h = int(second_moment_diag.shape[0])
-    dims = pair_order(second_moment_diag)
-    eye = torch.eye(h, dtype=torch.float32)
-    return HeadBasis(
-        eye[:, dims[:rank]].contiguous(),
-        torch.zeros(h, dtype=torch.float32),
-        second_moment_diag[dims].to(torch.float32),
-    )
-
-
-def fit_bases(
-    capture: Any,
-    budget: float,
-    *,
-    key_mode: str = "pre_rope",
-    allocation: str = "waterfill",
-    role: str = "model",
-    fingerprint: str | None = None,
-) -> KVBases:
-    """Per-head key and value bases of every layer from ``capture`` (sites k_pre or k_rope, and
-    v, with full covariances), with ranks allocated under ``budget`` (module docstring).
-    ``fingerprint`` (the model's config sha256) is recorded and checked when the bases load."""
-    import torch
-
-    from gradfree.base.numerics import sym_eigh
-
-    budget = check_budget(budget)
-    _check_choice(key_mode, KEY_MODES, "key mode")
-    _check_choice(allocation, ALLOCATIONS, "allocation")
-    info, layers = _model_info(capture, role)
-    n_layers, n_kv, hd = info["num_layers"], info["num_kv_heads"], info["head_dim"]
-    if sorted(layers) != list(range(n_layers)):
-        raise GradfreeError("The capture must hold every layer of the model.")
-    if key_mode == "pairs" and hd % 2:
-        raise GradfreeError("Pairs mode needs an even head dimension.")
-    k_site = KEY_SITE[key_mode]
-    # Per (kind, layer, head): the spectrum in ranking order and a maker of the rank-r basis.
-    parts: list[tuple[str, int, torch.Tensor, Callable[[int], HeadBasis]]] = []
-    for i in range(n_layers):
-        for kind, site in (("k", k_site), ("v", "v")):
-            st = _site_stats(capture, role, i, site)
-            if st.dim != n_kv * hd:
-                raise GradfreeError(f"The capture of blocks.{i}.{site} has another width.")
-            if kind == "k" and key_mode == "pairs":
-                # Un-centered: a dropped pair costs its whole energy, there is no mean to keep.
-                energy = torch.diagonal(st.second_moment()).to(torch.float64)
-                for h in range(n_kv):
-                    e = energy[h * hd : (h + 1) * hd]
-                    parts.append((kind, i, e[pair_order(e)], partial(pairs_head, e)))
-                continue
-            cov, mean = st.covariance(centered=True), st.mean()
-            for h in range(n_kv):
-                s = slice(h * hd, (h + 1) * hd)
-                vals, vecs = sym_eigh(cov[s, s])
-                parts.append((kind, i, vals, partial(_pca_head, vals, vecs, mean[s])))
-    paired = [key_mode == "pairs" and p[0] == "k" for p in parts]
-    ranks = allocate_ranks([p[2] for p in parts], budget, allocation, paired=paired)
-    keys: list[list[HeadBasis]] = [[] for _ in range(n_layers)]
-    values: list[list[HeadBasis]] = [[] for _ in range(n_layers)]
-    for (kind, i, _, make), rank in zip(parts, ranks, strict=True):
-        (keys if kind == "k" else values)[i].append(make(rank))
-    return KVBases(
-        key_mode, hd, keys, values, budget, allocation, {**info, "fingerprint": fingerprint}
-    )
-
-
 __all__ = [
     "ALLOCATIONS",
+    "FORMAT",
     "KEY_MODES",
-    "HeadBasis",
+    "METRICS",
     "KVBases",
+    "LayerCoder",
     "allocate_ranks",
     "check_budget",
-    "fit_bases",
-    "pair_order",
-    "pairs_head",
-    "pca_head",
+    "check_choice",
 ]

@@ -3,9 +3,13 @@
 :class:`LowRankCache` has one :class:`LowRankLayer` per decoder layer (transformers'
 ``CacheLayerMixin``, as ``DynamicLayer`` and ``QuantizedLayer`` are), so ``model(...,
 past_key_values=cache)`` and ``model.generate(..., past_key_values=cache)`` need no changes. The
-attention hands ``update`` its post-RoPE keys and values (batch, kv_heads, tokens, head_dim); per
-KV head h the layer stores z = (x − μ_h) P_h (batch, tokens, r_h), and returns the reconstruction
-μ_h + z P_hᵀ of every cached token, the new ones included, so attention sees only what is stored.
+attention hands ``update`` its post-RoPE keys and values (batch, kv_heads, tokens, head_dim); the
+layer stores, per token, the latent z = E (x − μ) of its flattened keys and one of its values
+(:class:`~gradfree.kv.bases.LayerCoder`), so attention sees only what is stored: with
+``gradfree_lowrank`` attention (:mod:`gradfree.kv.attention`) the latents themselves, else the
+reconstruction D z + μ of every cached token, the new ones included (also under
+``gradfree_lowrank`` for an update of 64 or more new tokens, a prefill, where reconstructing once
+lets the model's own sdpa kernel run; the maths is the same).
 
 In ``pre_rope`` mode the bases describe keys before RoPE. The cache learns the positions of the
 tokens being added from a forward hook on the model's rotary embedding (:class:`_RopeTap`, one per
@@ -15,8 +19,10 @@ re-rotates the reconstructed keys of all cached tokens with (cos, sin) of their 
 once per forward pass and shared by the layers. RoPE's rotation times the rotary's attention
 scaling s is inverted as (k cos − rotate_half(k) sin) / (cos² + sin²).
 
-``LowRankCache(bases, model, latent_bits=8)`` stores the latents as int8 with one float16 absmax
-scale per (token, head): r + 2 bytes per token and head instead of 4r (float32) or 2r (bf16).
+``LowRankCache(bases, model, latent_bits=8)`` (or 4: two codes per byte) stores the latents as
+int8 with one float16 absmax
+scale per token and KV head (per token, when latents mix heads): r + 2 bytes per token and
+head instead of 4r (float32) or 2r (bf16).
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gradfree.base.errors import GradfreeError
-from gradfree.kv.bases import KVBases
+from gradfree.kv.attention import MARK, use_lowrank_attention
+from gradfree.kv.bases import KVBases, LayerCoder
+
+ATTENTION = ("latent", "reconstruct")
+PREFILL_QUERIES = 64  # from this many new tokens on, attention gets reconstructed states
 
 _TAPS: weakref.WeakKeyDictionary[nn.Module, _RopeTap] = weakref.WeakKeyDictionary()
 
@@ -121,78 +131,166 @@ class _Positions:
 
 
 class _Coder:
-    """The bases of one layer's keys or values, stacked on one device in float32."""
+    """One layer's :class:`~gradfree.kv.bases.LayerCoder` on one device in float32, with each KV
+    head's decoder block for attention on the latents."""
 
-    def __init__(self, heads: list[Any], device: torch.device) -> None:
-        self.bases = [h.basis.to(device=device, dtype=torch.float32) for h in heads]
-        self.means = [h.mean.to(device=device, dtype=torch.float32) for h in heads]
+    def __init__(self, coder: LayerCoder, n_kv: int, hd: int, device: torch.device) -> None:
+        self.encoder = coder.encoder.to(device=device, dtype=torch.float32)
+        self.decoder = coder.decoder.to(device=device, dtype=torch.float32)
+        self.mean = coder.mean.to(device=device, dtype=torch.float32)
+        self.n_kv, self.hd = n_kv, hd
+        slices = coder.head_slices()
+        self.blocks = slices  # per-head latent columns, None when latents mix heads
+        cols = slices or [slice(None)] * n_kv
+        self.heads = [
+            (
+                self.decoder[g * hd : (g + 1) * hd, cols[g]],
+                self.mean[g * hd : (g + 1) * hd],
+                cols[g],
+            )
+            for g in range(n_kv)
+        ]
 
-    def encode(self, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """(b, heads, t, hd) → per head (b, t, r_h) in ``dtype``."""
-        x = x.float()
-        pairs = zip(self.bases, self.means, strict=True)
-        return [((x[:, h] - mu) @ p).to(dtype) for h, (p, mu) in enumerate(pairs)]
+    def encode(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(b, heads, t, hd) → (b, t, R) in ``dtype``."""
+        b, n, t, hd = x.shape
+        flat = x.float().transpose(1, 2).reshape(b, t, n * hd) - self.mean
+        if self.blocks is None:
+            return (flat @ self.encoder.T).to(dtype)
+        # block-diagonal: each head's latent reads only its own dims
+        parts = [
+            flat[..., g * hd : (g + 1) * hd] @ self.encoder[cols, g * hd : (g + 1) * hd].T
+            for g, cols in enumerate(self.blocks)
+        ]
+        return torch.cat(parts, dim=-1).to(dtype)
 
-    def decode(self, z: list[torch.Tensor]) -> torch.Tensor:
-        """Per head (b, T, r_h) → (b, heads, T, hd) in float32."""
-        return torch.stack(
-            [zh.float() @ p.T + mu for zh, p, mu in zip(z, self.bases, self.means, strict=True)],
-            dim=1,
-        )
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(b, T, R) → (b, heads, T, hd) in float32."""
+        z = z.float()
+        return torch.stack([z[..., cols] @ d.T + mu for d, mu, cols in self.heads], dim=1)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.bases + self.means)
+        return sum(t.numel() * t.element_size() for t in (self.encoder, self.decoder, self.mean))
+
+
+class _Latents:
+    """What attention on the latents needs of one layer's keys or values: all cached latents
+    (b, T, R) in float32 and the per-head decoder blocks."""
+
+    def __init__(self, latents: torch.Tensor, coder: _Coder) -> None:
+        self.latents = latents
+        self.heads = coder.heads
 
 
 class _Store:
-    """The latents of one layer's keys or values, per head (b, tokens, r_h): in the states' own
-    dtype, or (``bits=8``) as int8 with one float16 absmax scale per (token, head)."""
+    """The latents of one layer's keys or values (b, tokens, R): in the states' own dtype, or
+    (``bits`` 8 or 4) as symmetric integers with one float16 absmax scale per token and latent
+    block (``blocks``: a KV head's block for per-head coders, the whole latent otherwise; for
+    4 bits, groups of 16 dims of it); 4-bit codes are packed two per byte (uint8)."""
 
-    def __init__(self, bits: int | None) -> None:
+    def __init__(self, bits: int | None, blocks: list[slice] | None) -> None:
         self.bits = bits
-        self.data: list[torch.Tensor] = []
-        self.scales: list[torch.Tensor] = []
+        self.blocks = blocks
+        self.data: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.width = 0
 
-    def append(self, z: list[torch.Tensor]) -> None:
-        scales: list[torch.Tensor] = []
-        if self.bits == 8:
-            pairs = [_quantize(zh) for zh in z]
-            z, scales = [q for q, _ in pairs], [sc for _, sc in pairs]
-        if not self.data:
-            self.data, self.scales = z, scales
-            return
-        self.data = [torch.cat(p, dim=1) for p in zip(self.data, z, strict=True)]
-        if scales:
-            self.scales = [torch.cat(p, dim=1) for p in zip(self.scales, scales, strict=True)]
+    def append(self, z: torch.Tensor) -> None:
+        scales = None
+        self.width = z.shape[-1]
+        if self.bits is not None:
+            z, scales = _quantize(z, self.blocks, self.bits)
+        self.data = z if self.data is None else torch.cat([self.data, z], dim=1)
+        if scales is not None:
+            self.scales = scales if self.scales is None else torch.cat([self.scales, scales], 1)
 
-    def latents(self) -> list[torch.Tensor]:
-        if self.bits == 8:
-            return [q.float() * sc.float() for q, sc in zip(self.data, self.scales, strict=True)]
-        return self.data
+    def latents(self) -> torch.Tensor:
+        """Every cached latent (b, T, R) in float32."""
+        assert self.data is not None
+        if self.bits is None:
+            return self.data.float()
+        assert self.scales is not None
+        q = _unpack4(self.data, self.width) if self.bits == 4 else self.data
+        return _dequantize(q, self.scales, self.blocks)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.data = [fn(z) for z in self.data]
-        self.scales = [fn(z) for z in self.scales]
+        if self.data is not None:
+            self.data = fn(self.data)
+        if self.scales is not None:
+            self.scales = fn(self.scales)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data + self.scales)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales) if t is not None)
 
     def clear(self) -> None:
-        self.data, self.scales = [], []
+        self.data, self.scales = None, None
 
 
-def _quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with a float16 absmax scale per token: z ≈ q · scale."""
+def _quantize(
+    z: torch.Tensor, blocks: list[slice] | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes in [−L, L] (L = 2^(bits−1) − 1) with a float16 absmax scale per token and
+    block, z ≈ q · scale: int8, or for 4 bits packed two per byte."""
+    levels = 2 ** (bits - 1) - 1
     z = z.float()
-    scale = (z.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16)
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
-    q = torch.round(z / safe).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    parts = blocks or [slice(None)]
+    amax = torch.stack(
+        [
+            z[..., s].abs().amax(dim=-1) if z[..., s].numel() else z.new_zeros(z.shape[:-1])
+            for s in parts
+        ],
+        dim=-1,
+    )
+    scale = (amax / levels).to(torch.float16)
+    safe = _expand(scale.float().clamp_min(torch.finfo(torch.float16).tiny), blocks, z.shape[-1])
+    q = torch.round(z / safe).clamp_(-levels, levels).to(torch.int8)
+    return (_pack4(q) if bits == 4 else q), scale
+
+
+INT4_GROUP = 16  # latent dims per int4 scale: PCA latents span a wide range within a head
+
+
+def _groups(coder: LayerCoder, bits: int | None) -> list[slice] | None:
+    """The latent columns that share one scale: a KV head's block (the whole latent when
+    latents mix heads), cut into groups of INT4_GROUP consecutive dims for int4."""
+    blocks = coder.head_slices() or [slice(0, coder.rank)]
+    if bits != 4:
+        return coder.head_slices()
+    return [
+        slice(a, min(a + INT4_GROUP, b.stop))
+        for b in blocks
+        for a in range(b.start, b.stop, INT4_GROUP)
+    ] or None
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """Codes in [−7, 7] (…, R) → uint8 (…, ⌈R/2⌉), two offset nibbles per byte."""
+    u = (q + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = torch.cat([u, u.new_full((*u.shape[:-1], 1), 8)], dim=-1)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def _unpack4(p: torch.Tensor, width: int) -> torch.Tensor:
+    lo, hi = (p & 15).to(torch.int8) - 8, (p >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], -1)[..., :width]
+
+
+def _expand(scale: torch.Tensor, blocks: list[slice] | None, width: int) -> torch.Tensor:
+    """Per-block scales (b, T, blocks) → per latent dim (b, T, width)."""
+    if blocks is None:
+        return scale.expand(*scale.shape[:-1], width)
+    sizes = torch.tensor([s.stop - s.start for s in blocks], device=scale.device)
+    return scale.repeat_interleave(sizes, dim=-1)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, blocks: list[slice] | None) -> torch.Tensor:
+    return q.float() * _expand(scale.float(), blocks, q.shape[-1])
 
 
 class LowRankLayer(CacheLayerMixin):
-    """One decoder layer's cache: per KV head, latents of its keys and values (b, tokens, r),
-    in the states' dtype or, with ``latent_bits=8``, as int8 with a per-token scale."""
+    """One decoder layer's cache: the latents of its keys and of its values (b, tokens, R), in
+    the states' dtype or, with ``latent_bits`` 8 or 4, as integers with per-token scales."""
 
     is_compileable = False
     is_croppable = True
@@ -200,24 +298,30 @@ class LowRankLayer(CacheLayerMixin):
 
     def __init__(
         self,
-        keys: list[Any],
-        values: list[Any],
+        keys: LayerCoder,
+        values: LayerCoder,
+        n_kv: int,
+        head_dim: int,
         positions: _Positions | None,
         latent_bits: int | None = None,
+        latent_attention: bool = True,
     ) -> None:
         super().__init__()
-        self._key_heads, self._value_heads = keys, values
+        self._coders = (keys, values)
+        self._shape = (n_kv, head_dim)
         self._positions = positions
-        self.latent_keys, self.latent_values = _Store(latent_bits), _Store(latent_bits)
+        self.latent_attention = latent_attention
+        self.latent_keys = _Store(latent_bits, _groups(keys, latent_bits))
+        self.latent_values = _Store(latent_bits, _groups(values, latent_bits))
         self.length = 0
         self._k: _Coder | None = None
         self._v: _Coder | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self._k is None or self._k.bases[0].device != self.device:
-            self._k = _Coder(self._key_heads, self.device)
-            self._v = _Coder(self._value_heads, self.device)
+        if self._k is None or self._k.encoder.device != self.device:
+            self._k = _Coder(self._coders[0], *self._shape, self.device)
+            self._v = _Coder(self._coders[1], *self._shape, self.device)
         self.is_initialized = True
 
     def update(
@@ -226,10 +330,10 @@ class LowRankLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self._k is not None and self._v is not None
-        if key_states.shape[1] != len(self._k.bases):
+        if tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) != self._shape:
             raise GradfreeError(
-                f"The low-rank cache holds {len(self._k.bases)} KV heads per layer, the model "
-                f"gave {key_states.shape[1]}."
+                f"The low-rank cache holds {self._shape[0]} KV heads of {self._shape[1]} dims "
+                f"per layer, the model gave {key_states.shape[1]} of {key_states.shape[-1]}."
             )
         cos_sin = None
         keys = key_states
@@ -244,9 +348,27 @@ class LowRankLayer(CacheLayerMixin):
         self.latent_keys.append(self._k.encode(keys, key_states.dtype))
         self.latent_values.append(self._v.encode(value_states, value_states.dtype))
         self.length += key_states.shape[-2]
-        k_hat = self._k.decode(self.latent_keys.latents())
-        if cos_sin is not None:
-            k_hat = k_hat * cos_sin[0] + _rotate_half(k_hat) * cos_sin[1]
+        z_k = self.latent_keys.latents()
+        # Many queries at once (a prefill): reconstructing the cached states once costs less than
+        # latent attention's extra work per query, and lets the model's sdpa kernel run. Same
+        # maths either way: attention sees what is stored.
+        latent = self.latent_attention and key_states.shape[-2] < PREFILL_QUERIES
+        k_hat: torch.Tensor | None = None
+        if cos_sin is not None or not latent:
+            k_hat = self._k.decode(z_k)
+            if cos_sin is not None:
+                k_hat = k_hat * cos_sin[0] + _rotate_half(k_hat) * cos_sin[1]
+        if latent:
+            # A placeholder that carries the latents to gradfree_lowrank attention.
+            mark = torch.empty(0, device=value_states.device, dtype=value_states.dtype)
+            setattr(
+                mark,
+                MARK,
+                (_Latents(z_k, self._k), _Latents(self.latent_values.latents(), self._v), k_hat),
+            )
+            keys_out = mark if k_hat is None else k_hat.to(key_states.dtype)
+            return keys_out, mark
+        assert k_hat is not None
         v_hat = self._v.decode(self.latent_values.latents())
         return k_hat.to(key_states.dtype), v_hat.to(value_states.dtype)
 
@@ -263,12 +385,7 @@ class LowRankLayer(CacheLayerMixin):
         return self.latent_keys.nbytes() + self.latent_values.nbytes()
 
     def bases_nbytes(self) -> int:
-        if self._k is None or self._v is None:
-            return sum(
-                h.basis.numel() * 4 + h.mean.numel() * 4
-                for h in self._key_heads + self._value_heads
-            )
-        return self._k.nbytes() + self._v.nbytes()
+        return sum(t.numel() * 4 for c in self._coders for t in (c.encoder, c.decoder, c.mean))
 
     # transformers' cache operations -------------------------------------------------------
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -291,6 +408,7 @@ class LowRankLayer(CacheLayerMixin):
         self._map(lambda z: z[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers 5's convention: negative)."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         n = min(-tokens_to_remove, self.length)
@@ -308,40 +426,66 @@ class LowRankLayer(CacheLayerMixin):
 
 
 class LowRankCache(Cache):
-    """A KV cache of per-head low-rank latents from :class:`~gradfree.kv.bases.KVBases`.
+    """A KV cache of low-rank latents from :class:`~gradfree.kv.bases.KVBases`.
 
     ``LowRankCache(bases, model)`` checks the bases against ``model`` (type, depth, KV heads,
-    head_dim, config fingerprint). ``latent_bits=8`` stores the latents as int8 with a float16
-    absmax scale per token and head (None: in the model's dtype). :meth:`nbytes` counts every
-    tensor the cache holds (latents, scales, and positions in pre_rope mode); :meth:`bases_nbytes`
-    the bases, counted separately.
+    head_dim, config fingerprint). ``latent_bits=8`` (or 4) stores the latents as int8 (or
+    int4, two per byte) with a float16 absmax scale per token and block (None: in the model's
+    dtype). ``attention="latent"`` (the default) switches ``model`` to ``gradfree_lowrank``
+    attention (:mod:`gradfree.kv.attention`: scores on the key latents where the key mode
+    allows, values decoded once per query token; sdpa for every other cache);
+    ``attention="reconstruct"`` leaves the model's attention as it is and hands it the
+    reconstructed keys and values of every cached token. :meth:`nbytes` counts every tensor
+    the cache holds (latents, scales, and positions in pre_rope mode); :meth:`bases_nbytes` the
+    bases, counted separately.
     """
 
-    def __init__(self, bases: KVBases, model: nn.Module, *, latent_bits: int | None = None) -> None:
+    def __init__(
+        self,
+        bases: KVBases,
+        model: nn.Module,
+        *,
+        latent_bits: int | None = None,
+        attention: str = "latent",
+    ) -> None:
         from gradfree.adapters import get_adapter
 
-        if latent_bits not in (None, 8):
-            raise GradfreeError(f"latent_bits must be 8 or None, not {latent_bits}.")
+        if latent_bits not in (None, 8, 4):
+            raise GradfreeError(f"latent_bits must be 8, 4 or None, not {latent_bits}.")
+        if attention not in ATTENTION:
+            raise GradfreeError(
+                f"attention must be one of {', '.join(ATTENTION)}, not {attention!r}."
+            )
         bases.check_model(model)
         self.bases = bases
+        self.attention = attention
+        if attention == "latent":
+            use_lowrank_attention(model)
         self._positions: _Positions | None = None
         if bases.key_mode == "pre_rope":
             rotary = get_adapter(model).rotary_emb
             tap = _RopeTap.acquire(rotary)
             self._positions = _Positions(tap, rotary)
             weakref.finalize(self, tap.release)
+        shape = (bases.num_kv_heads, bases.head_dim)
         layers: list[Any] = [
-            LowRankLayer(k, v, self._positions, latent_bits)
+            LowRankLayer(k, v, *shape, self._positions, latent_bits, attention == "latent")
             for k, v in zip(bases.keys, bases.values, strict=True)
         ]
         super().__init__(layers=layers)
 
     @classmethod
     def from_dir(
-        cls, folder: str | Path, model: nn.Module, *, latent_bits: int | None = None
+        cls,
+        folder: str | Path,
+        model: nn.Module,
+        *,
+        latent_bits: int | None = None,
+        attention: str = "latent",
     ) -> LowRankCache:
         """The cache of the bases saved in ``folder`` (:meth:`KVBases.save`) for ``model``."""
-        return cls(KVBases.load(folder, model), model, latent_bits=latent_bits)
+        bases = KVBases.load(folder, model)
+        return cls(bases, model, latent_bits=latent_bits, attention=attention)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds: latents, plus positions in pre_rope mode."""
@@ -349,7 +493,8 @@ class LowRankCache(Cache):
         return held + (self._positions.nbytes() if self._positions is not None else 0)
 
     def bases_nbytes(self) -> int:
-        """Bytes of the bases (float32 basis and mean of every head), not in :meth:`nbytes`."""
+        """Bytes of the coders (float32 encoder, decoder and mean per layer), not in
+        :meth:`nbytes`."""
         return sum(layer.bases_nbytes() for layer in self._low_rank_layers())
 
     def _low_rank_layers(self) -> list[LowRankLayer]:

@@ -42,6 +42,46 @@ def _held_out(corpus: str, split: str | None, eval_split: str | None, fit_docs: 
     return rest
 
 
+def output_metrics(model: Any) -> list[list[Any]]:
+    """Per layer and KV head, Σ over the group's query heads of W_o,hᵀ W_o,h (hd, hd) in
+    float64: what a value error costs the attention output (:mod:`gradfree.kv.solve`)."""
+    import torch
+
+    from gradfree.adapters import get_adapter
+
+    a = get_adapter(model)
+    geo = a.geometry
+    hd, rep = geo.head_dim, geo.num_heads // geo.num_kv_heads
+    out = []
+    for layer in a.layers:
+        w = layer.o_proj.weight.detach().to(device="cpu", dtype=torch.float64)
+        blocks = [w[:, h * hd : (h + 1) * hd] for h in range(geo.num_heads)]
+        out.append(
+            [
+                sum(blocks[h].T @ blocks[h] for h in range(g * rep, (g + 1) * rep))
+                for g in range(geo.num_kv_heads)
+            ]
+        )
+    return out
+
+
+def rope_lags(model: Any, span: int) -> tuple[Any, Any, Any]:
+    """(cos, sin) (span, hd) of the model's own rotary at lags 0 … span − 1, in float64, and
+    the share of (query, key) pairs of a causal window of ``span`` tokens at each lag
+    (span − L): what :func:`gradfree.kv.solve.rotation_averaged` averages over."""
+    import torch
+
+    from gradfree.adapters import get_adapter
+
+    a = get_adapter(model)
+    dev = next(model.parameters()).device
+    lags = torch.arange(span, device=dev)[None]
+    cos, sin = a.rotary(torch.empty(0, dtype=torch.float32, device=dev), lags)
+    norm = (cos.double() ** 2 + sin.double() ** 2).sqrt()  # the rotary's attention scaling
+    weights = torch.arange(span, 0, -1, dtype=torch.float64)
+    return (cos.double() / norm)[0].cpu(), (sin.double() / norm)[0].cpu(), weights
+
+
 def run_kv_fit(
     model: str,
     corpus: str,
@@ -53,7 +93,9 @@ def run_kv_fit(
     eval_split: str | None = "heldout",
     eval_limit: int | None = 12,
     key_mode: str = "pre_rope",
+    metric: str = "attention",
     allocation: str = "waterfill",
+    latent_bits: int | None = None,
     max_length: int = 256,
     chunk: int = 32,
     device: str = "cpu",
@@ -67,15 +109,20 @@ def run_kv_fit(
     from gradfree.base.progress import reporting
     from gradfree.base.provenance import Stopwatch, machine, versions
     from gradfree.capture import run_capture
-    from gradfree.kv.bases import KEY_MODES, check_budget, fit_bases
+    from gradfree.kv.bases import KEY_MODES, METRICS, check_budget
     from gradfree.kv.cache import LowRankCache
     from gradfree.kv.evaluate import score_caches
+    from gradfree.kv.solve import fit_bases
     from gradfree.models import load_model
     from gradfree.texts.corpora import corpus_manifest, load_corpus
 
     check_budget(budget)
+    if latent_bits not in (None, 8, 4):
+        raise GradfreeError(f"--latent-bits must be 8 or 4 (or left out), not {latent_bits}.")
     if key_mode not in KEY_MODES:
         raise GradfreeError(f"--key-mode must be one of {', '.join(KEY_MODES)}, not {key_mode!r}.")
+    if metric not in METRICS:
+        raise GradfreeError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}.")
     if allocation not in ("waterfill", "uniform"):
         raise GradfreeError(f"--allocation must be waterfill or uniform, not {allocation!r}.")
     out = check_new_output(out, overwrite)
@@ -87,16 +134,14 @@ def run_kv_fit(
     get_adapter(loaded.model)  # an unsupported architecture is one sentence, before any work
     fp = loaded.fingerprint
     with atomic_dir(out, overwrite=overwrite) as tmp, reporting(progress) as report:
+        queries = ["q_pre", "q_rope"] if metric == "attention" else []
+        sites = ["k_pre", "k_rope", "v", *queries]
         with watch.stage("capture keys and values"):
             cap = run_capture(
                 loaded,
                 docs,
                 tmp / ".scratch" / "capture",
-                {
-                    "sites": ["k_pre", "k_rope", "v"],
-                    "full": ["k_pre", "k_rope", "v"],
-                    "max_length": max_length,
-                },
+                {"sites": sites, "full": sites, "max_length": max_length},
                 corpus=corpus_manifest(docs, corpus),
                 progress=report,
             )
@@ -105,6 +150,9 @@ def run_kv_fit(
                 cap,
                 budget,
                 key_mode=key_mode,
+                metric=metric,
+                value_metrics=output_metrics(loaded.model) if metric == "attention" else None,
+                rope_lags=rope_lags(loaded.model, max_length) if metric == "attention" else None,
                 allocation=allocation,
                 fingerprint=fp.get("config_sha256"),
             )
@@ -114,7 +162,7 @@ def run_kv_fit(
                 loaded.model,
                 loaded.tokenizer,
                 held,
-                {"kv": lambda: LowRankCache(bases, loaded.model)},
+                {"kv": lambda: LowRankCache(bases, loaded.model, latent_bits=latent_bits)},
                 max_length=max_length,
                 chunk=chunk,
                 progress=report,
@@ -132,7 +180,9 @@ def run_kv_fit(
             "top1": kv["top1"],
             "tokens": kv["tokens"],
             "bases_bytes": LowRankCache(bases, loaded.model).bases_nbytes(),
+            "latent_bits": latent_bits,
             "key_mode": key_mode,
+            "metric": metric,
             "allocation": allocation,
             "kept_share": bases.kept_share(),
             "ranks": bases.ranks(),
@@ -171,8 +221,11 @@ def _report(r: dict[str, Any], watch: Any) -> str:
     lines = [
         f"# Low-rank KV cache: {c['model']}, budget {r['budget']:g}",
         "",
-        f"Keys: {r['key_mode']}; ranks: {r['allocation']}; kept share of the key and value "
-        f"dimensions {r['kept_share']:.3f}. Held-out: {c['corpus']}:{c['eval_split']} "
+        f"Keys: {r['key_mode']}; metric: {r['metric']}; latents: "
+        f"{'int' + str(r['latent_bits']) if r['latent_bits'] else c['dtype']}; "
+        f"ranks: {r['allocation']}; "
+        f"kept share of the key and value dimensions {r['kept_share']:.3f}. "
+        f"Held-out: {c['corpus']}:{c['eval_split']} "
         f"({r['tokens']} scored tokens, windows of {c['max_length']} fed in chunks of "
         f"{c['chunk']}).",
         "",
@@ -193,4 +246,4 @@ def _report(r: dict[str, Any], watch: Any) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SUMMARY_KEYS", "run_kv_fit"]
+__all__ = ["SUMMARY_KEYS", "output_metrics", "rope_lags", "run_kv_fit"]
