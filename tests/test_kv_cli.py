@@ -59,6 +59,15 @@ def test_kv_fit_writes_bases_and_measured_numbers(inputs: Path, run_cli) -> None
     model = load_model(str(inputs / "model")).model
     bases = KVBases.load(out, model)
     assert bases.kept_share() == pytest.approx(record["kept_share"])
+    # the defaults: pre-RoPE keys in the attention metric, latents in the model's dtype
+    assert (record["key_mode"], record["metric"], record["latent_bits"]) == (
+        "pre_rope",
+        "attention",
+        None,
+    )
+    assert (bases.key_mode, bases.metric) == ("pre_rope", "attention")
+    assert record["ranks"] == bases.ranks()
+    assert "metric: attention" in (out / "report.md").read_text()
     # At full budget the cache is the model: the same perplexity to float rounding.
     full = inputs / "full"
     code, _, err = run_cli(_args(inputs, full, "--budget", "1"))
@@ -74,6 +83,8 @@ def test_kv_fit_writes_bases_and_measured_numbers(inputs: Path, run_cli) -> None
         (["--budget", "1.5"], "budget must be in (0, 1]"),
         (["--budget", "0.5", "--key-mode", "rotated"], "--key-mode must be one of"),
         (["--budget", "0.5", "--allocation", "greedy"], "--allocation must be waterfill"),
+        (["--budget", "0.5", "--metric", "cosine"], "--metric must be one of"),
+        (["--budget", "0.5", "--latent-bits", "3"], "--latent-bits must be 8"),
     ],
 )
 def test_bad_input_is_one_sentence_and_writes_nothing(
@@ -83,6 +94,43 @@ def test_bad_input_is_one_sentence_and_writes_nothing(
     code, _, err = run_cli(_args(inputs, out, *extra))
     assert code != 0 and message in err and err.strip().count("\n") == 0
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "metric", "bits"), [("complex", "none", "8"), ("pairs", "attention", None)]
+)
+def test_kv_fit_records_key_mode_metric_and_latent_bits(
+    inputs: Path, run_cli, mode: str, metric: str, bits: str | None
+) -> None:
+    from gradfree.kv import KVBases
+
+    out = inputs / f"fit-{mode}-{metric}"
+    extra = ["--budget", "0.5", "--key-mode", mode, "--metric", metric]
+    extra += ["--latent-bits", bits] if bits else []
+    code, _, err = run_cli(_args(inputs, out, *extra))
+    assert code == 0, err
+    record = json.loads((out / "kv.json").read_text())
+    want_bits = None if bits is None else int(bits)
+    assert (record["key_mode"], record["metric"], record["latent_bits"]) == (
+        mode,
+        metric,
+        want_bits,
+    )
+    bases = KVBases.load(out)
+    assert (bases.key_mode, bases.metric) == (mode, metric)
+    report = (out / "report.md").read_text()
+    assert f"Keys: {mode}; metric: {metric}; latents: {'int8' if bits else 'float32'}" in report
+    # the bytes measured per token: R (+ 2 per head block with int8) against 4 per dense entry
+    coders = bases.keys + bases.values
+    dims = sum(bases.num_kv_heads * bases.head_dim for _ in coders)
+    if bits:
+        held = sum(c.rank + 2 * (1 if c.head_ranks is None else len(c.head_ranks)) for c in coders)
+    else:
+        held = 4 * sum(c.rank for c in coders)
+    assert record["bytes_ratio"] == pytest.approx(held / (4 * dims), rel=1e-12)
+    assert record["kl"] > 0 and record["ppl_kv"] > 0
+    if mode == "complex":
+        assert all(c.head_ranks is None for c in bases.keys)
 
 
 def test_bases_for_another_model_are_refused(inputs: Path, run_cli) -> None:

@@ -179,6 +179,9 @@ def test_hqq_cache_bytes_count_codes_scales_zeros_and_residual(nbits: int) -> No
 
 
 # the low-rank cache ---------------------------------------------------------------------------
+KV_SITES = ["k_pre", "k_rope", "v", "q_pre", "q_rope"]
+
+
 @pytest.fixture(scope="module")
 def lowrank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     pytest.importorskip("gradfree.kv.cache")
@@ -187,33 +190,83 @@ def lowrank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
         Subject(model, tok, name="tiny"),
         DOCS,
         Path(tmp_path_factory.mktemp("kv")) / "cap",
-        {"sites": ["k_pre", "k_rope", "v"], "max_length": 32},
+        {"sites": KV_SITES, "full": KV_SITES, "max_length": 32},
         progress=False,
     )
     return model, cap
 
 
-@pytest.mark.parametrize("mode", ["post_rope", "pre_rope"])
-def test_low_rank_cache_full_and_half_rank(lowrank: Any, mode: str) -> None:
-    from gradfree.kv import LowRankCache, fit_bases
+def _fit(model: Any, cap: Any, budget: float, mode: str, metric: str) -> Any:
+    from gradfree.kv import fit_bases
+    from gradfree.kv.fit import output_metrics, rope_lags
+
+    extra: dict[str, Any] = {}
+    if metric == "attention":
+        extra = {"value_metrics": output_metrics(model), "rope_lags": rope_lags(model, 32)}
+    return fit_bases(cap, budget, key_mode=mode, metric=metric, **extra)
+
+
+@pytest.mark.parametrize(
+    ("mode", "metric"),
+    [("post_rope", "none"), ("pre_rope", "attention"), ("complex", "attention"), ("pairs", "none")],
+)
+def test_low_rank_cache_full_and_half_rank(lowrank: Any, mode: str, metric: str) -> None:
+    """Full rank scores as dense on both attention paths; half rank holds half the bytes, costs
+    KL, and scores alike on the latent and the reconstruct path."""
+    from gradfree.kv import LowRankCache
 
     model, cap = lowrank
     tok = tiny_tokenizer()
-    full, half = fit_bases(cap, 1.0, key_mode=mode), fit_bases(cap, 0.5, key_mode=mode)
+    full, half = _fit(model, cap, 1.0, mode, metric), _fit(model, cap, 0.5, mode, metric)
     got = score_caches(
         model,
         tok,
         DOCS,
-        {"full": lambda: LowRankCache(full, model), "half": lambda: LowRankCache(half, model)},
+        {
+            "full": lambda: LowRankCache(full, model),
+            "full rec": lambda: LowRankCache(full, model, attention="reconstruct"),
+            "half": lambda: LowRankCache(half, model),
+            "half rec": lambda: LowRankCache(half, model, attention="reconstruct"),
+        },
         max_length=48,
         chunk=12,
     )
+    model.set_attn_implementation("sdpa")
     dense, t = got["dense"]["bytes"], got["dense"]["bytes_tokens"]
     positions = 8 * t if mode == "pre_rope" else 0  # int64 positions, once per cache
-    assert abs(got["full"]["kl"]) < 1e-6
-    assert got["full"]["bytes"] == dense + positions
-    assert got["half"]["kl"] > 0
     dims = dense // (4 * t)  # Σ head_dim over every layer's key and value heads
-    assert got["half"]["bytes"] == math.floor(0.5 * dims) * 4 * t + positions
-    assert got["half"]["bases_bytes"] == LowRankCache(half, model).bases_nbytes() > 0
+    for name in ("full", "full rec"):
+        assert abs(got[name]["kl"]) < 1e-6 and got[name]["top1"] == 1.0
+        assert got[name]["bytes"] == dense + positions
+    for name in ("half", "half rec"):
+        assert got[name]["kl"] > 1e-4
+        assert got[name]["bytes"] == math.floor(0.5 * dims) * 4 * t + positions
+        assert got[name]["bases_bytes"] == LowRankCache(half, model).bases_nbytes() > 0
+    assert got["half"]["ppl"] == pytest.approx(got["half rec"]["ppl"], rel=1e-6)
+    assert got["half"]["kl"] == pytest.approx(got["half rec"]["kl"], rel=1e-4, abs=1e-9)
     assert got["dense"]["bases_bytes"] == 0
+    model.set_attn_implementation("sdpa")
+
+
+def test_int8_low_rank_cache_bytes_and_cost(lowrank: Any) -> None:
+    """int8 latents: R + 2 bytes per token and head block (per token for complex keys), a small
+    but non-zero KL at full rank."""
+    from gradfree.kv import LowRankCache
+
+    model, cap = lowrank
+    bases = _fit(model, cap, 1.0, "complex", "none")
+    got = score_caches(
+        model,
+        tiny_tokenizer(),
+        DOCS,
+        {"int8": lambda: LowRankCache(bases, model, latent_bits=8)},
+        max_length=48,
+        chunk=12,
+    )
+    model.set_attn_implementation("sdpa")
+    t = got["int8"]["bytes_tokens"]
+    n_kv, layers = bases.num_kv_heads, bases.model["num_layers"]
+    rows = sum(bases.ranks()["keys"]) + 2 * layers  # complex keys: one scale per token
+    rows += sum(bases.ranks()["values"]) + 2 * n_kv * layers  # per-head values: one per head
+    assert got["int8"]["bytes"] == rows * t
+    assert 0 < got["int8"]["kl"] < 1e-2

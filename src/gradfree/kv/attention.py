@@ -12,7 +12,8 @@ With per-KV-head decoders D_g (hd, r_g) and means μ_g, keys x̂ = D_g z + μ_g 
 
 For any other cache (or none) the function is transformers' own ``sdpa`` attention, so switching
 a model to it changes nothing else. The mask is transformers' sdpa mask (a bool tensor, True =
-attend, or None for plain causal attention).
+attend, or None for plain causal attention). A fully masked query row (a padded position of a
+left-padded batch) outputs zeros where sdpa outputs something else: no real token reads it.
 """
 
 from __future__ import annotations

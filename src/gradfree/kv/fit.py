@@ -1,8 +1,10 @@
 """``gradfree kv fit``: bases of a low-rank KV cache from one capture, measured on held-out text.
 
-Steps: capture the keys (before and after RoPE) and values of every layer over the fit text
-(:mod:`gradfree.capture`, full float64 covariances); fit per-head PCA bases with ranks allocated
-under the byte budget (:func:`gradfree.kv.bases.fit_bases`); score the model with its own
+Steps: capture the keys (before and after RoPE), the values and, for the attention metric, the
+queries of every layer over the fit text (:mod:`gradfree.capture`, full float64 covariances); fit
+the per-layer coders with ranks allocated under the byte budget
+(:func:`gradfree.kv.solve.fit_bases`, with the output metrics of o_proj and the RoPE lags of the
+model: :func:`output_metrics`, :func:`rope_lags`); score the model with its own
 ``DynamicCache`` and with the :class:`~gradfree.kv.cache.LowRankCache` on held-out windows, fed
 in chunks so that attention to earlier chunks goes through what the cache stores
 (:func:`gradfree.kv.evaluate.score_caches`); write the bases, ``kv.json`` (budget, bytes held by

@@ -245,8 +245,8 @@ def _site_stats(capture: Any, role: str, layer: int, site: str, width: int) -> A
     key = f"blocks.{layer}.{site}"
     if key not in capture.keys(role):
         raise GradfreeError(
-            f"The capture has no statistics for {key}; capture k_pre, k_rope, v (and q_rope for "
-            "the attention metric) of every layer with full covariances."
+            f"The capture has no statistics for {key}; capture k_pre, k_rope, v (and q_pre and "
+            "q_rope for the attention metric) of every layer with full covariances."
         )
     st = capture.stats(role, key)
     if not st.full or st.count == 0:
@@ -285,7 +285,8 @@ def fit_bases(
     fingerprint: str | None = None,
 ) -> KVBases:
     """The key and value coders of every layer from ``capture`` (sites k_pre or k_rope, v, and
-    q_rope with the attention metric; full covariances), ranks allocated under ``budget``.
+    with the attention metric q_pre (pre_rope mode) or q_rope (the other modes); full
+    covariances), ranks allocated under ``budget``.
 
     ``value_metrics[layer][kv_head]``: the (hd, hd) output metric of the values
     (:func:`gradfree.kv.fit.output_metrics`), required with ``metric="attention"``.
