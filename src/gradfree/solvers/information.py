@@ -111,4 +111,5 @@ def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"shapes differ: {tuple(logp.shape)} vs {tuple(logq.shape)}")
     p = logp.exp()
     terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return terms.sum(-1)
+    # KL ≥ 0 (Gibbs); two equal rows can sum to −1e-17 in float64, which is rounding.
+    return terms.sum(-1).clamp_min(0.0)
