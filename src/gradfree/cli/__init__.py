@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "merge",
     "kv",
     "taskvec",
+    "directions",
     "demo",
 ]
 
