@@ -590,13 +590,8 @@ def recover_ties(
 # Scoring and test data
 
 
-def support_metrics(true: Any, est: Any, threshold: float = 0.05) -> dict[str, Any]:
-    """Precision, recall and F1 of the estimated support {i: |estᵢ| > threshold} against the true
-    one {i: trueᵢ ≠ 0} (the tasks that went into the merge).
-
-    Empty-set conventions: no task claimed → precision 1 (no false claim); no task present →
-    recall 1 (none missed); F1 = 2PR/(P + R), 0 when P + R = 0 (so both sets empty gives 1)."""
-    threshold = _check_threshold(threshold)
+def _weight_pair(true: Any, est: Any, verb: str) -> tuple[np.ndarray, np.ndarray]:
+    """True and estimated weights as float64 1-D arrays of one length, all finite."""
     true = np.asarray(true, dtype=np.float64)
     est = np.asarray(est, dtype=np.float64)
     if true.ndim != 1 or true.shape != est.shape:
@@ -604,7 +599,18 @@ def support_metrics(true: Any, est: Any, threshold: float = 0.05) -> dict[str, A
             f"True and estimated weights must be 1-D of one length, got {true.shape}, {est.shape}."
         )
     if not (np.isfinite(true).all() and np.isfinite(est).all()):
-        raise GradfreeError("The weights to score contain NaN or infinite values.")
+        raise GradfreeError(f"The weights to {verb} contain NaN or infinite values.")
+    return true, est
+
+
+def support_metrics(true: Any, est: Any, threshold: float = 0.05) -> dict[str, Any]:
+    """Precision, recall and F1 of the estimated support {i: |estᵢ| > threshold} against the true
+    one {i: trueᵢ ≠ 0} (the tasks that went into the merge).
+
+    Empty-set conventions: no task claimed → precision 1 (no false claim); no task present →
+    recall 1 (none missed); F1 = 2PR/(P + R), 0 when P + R = 0 (so both sets empty gives 1)."""
+    threshold = _check_threshold(threshold)
+    true, est = _weight_pair(true, est, "score")
     t_set = true != 0
     e_set = np.abs(est) > threshold
     tp = int((t_set & e_set).sum())
@@ -627,14 +633,7 @@ def support_metrics(true: Any, est: Any, threshold: float = 0.05) -> dict[str, A
 def coef_error(true: Any, est: Any) -> dict[str, float]:
     """max |true − est| and ‖true − est‖ / ‖true‖ (rel_l2 is 0 when both are 0, inf when only
     true is 0)."""
-    true = np.asarray(true, dtype=np.float64)
-    est = np.asarray(est, dtype=np.float64)
-    if true.ndim != 1 or true.shape != est.shape:
-        raise GradfreeError(
-            f"True and estimated weights must be 1-D of one length, got {true.shape}, {est.shape}."
-        )
-    if not (np.isfinite(true).all() and np.isfinite(est).all()):
-        raise GradfreeError("The weights to compare contain NaN or infinite values.")
+    true, est = _weight_pair(true, est, "compare")
     diff = true - est
     tn = float(np.linalg.norm(true))
     dn = float(np.linalg.norm(diff))
