@@ -21,6 +21,8 @@ def test_extract_then_steer(tmp_path: Path, run_cli) -> None:
     assert r.code == 0, r.err
     manifest = json.loads((out / "directions.json").read_text())
     assert manifest["layers"] == [0, 1] and len(manifest["concepts"]) == 24
+    rate = manifest["source"]["timings"]["concepts_per_s"]
+    assert f"24 concepts at layers [0, 1], {rate:.1f} concepts/s" in r.err
     concept = manifest["concepts"][3]
     r = run_cli(["directions", "steer", "--model", str(model), "--directions", str(out),
                  "--concept", concept, "--strength", "8", "--prompt", "The harbour",

@@ -100,7 +100,14 @@ def test_inverse_map_recovers_an_invertible_map():
 def test_mlp_and_linear_probe_lower_their_loss():
     X, Y, _, _ = planted(n=300, d_in=10, d_out=8, noise=0.1)
     for hidden in (16, None):
-        p = P.train_mlp(X[:200], Y[:200], X[200:], Y[200:], hidden=hidden, epochs=3, batch_size=32)
+        p = P.train_mlp(
+            X[:200],
+            Y[:200],
+            X[200:],
+            Y[200:],
+            hidden=hidden,
+            settings=P.TrainSettings(epochs=3, batch_size=32),
+        )
         assert p.history[-1]["train_loss"] < p.history[0]["train_loss"]
         assert p.history[p.best_epoch]["val_cos"] == max(h["val_cos"] for h in p.history)
         pred = p.predict(X[200:])
@@ -108,7 +115,9 @@ def test_mlp_and_linear_probe_lower_their_loss():
         assert P.evaluate_cos(pred, Y[200:]) == pytest.approx(
             p.history[p.best_epoch]["val_cos"], abs=1e-5
         )
-    probe = P.train_mlp(X[:200], Y[:200], X[200:], Y[200:], hidden=None, epochs=1)
+    probe = P.train_mlp(
+        X[:200], Y[:200], X[200:], Y[200:], hidden=None, settings=P.TrainSettings(epochs=1)
+    )
     assert probe.n_params == 10 * 8 + 8
 
 
@@ -127,8 +136,7 @@ def test_tiny_model_lowers_loss_and_counts_full_vocab():
         extra_ids=ids[200:],
         embed_dim=8,
         hidden=16,
-        epochs=3,
-        batch_size=32,
+        settings=P.TrainSettings(epochs=3, batch_size=32),
     )
     assert p.history[-1]["train_loss"] < p.history[0]["train_loss"]
     assert p.n_params == 1000 * 8 + (8 * 16 + 16) + (16 * 6 + 6)
@@ -146,7 +154,7 @@ def test_error_paths_are_one_sentence():
         lambda: P.fit_ridge(X[:0], Y[:0], X, Y),  # empty split
         lambda: P.fit_ridge(X, Y, X, Y, lambdas=[0.0]),
         lambda: P.evaluate_cos(X, X[:, :3]),
-        lambda: P.train_mlp(X, Y, X[:0], Y[:0], epochs=1),
+        lambda: P.train_mlp(X, Y, X[:0], Y[:0], settings=P.TrainSettings(epochs=1)),
         lambda: P.split_by_concept(["a", "b", "a"]),
         lambda: P.split_by_concept([]),
         lambda: P.split_by_concept(["a", "b"]),

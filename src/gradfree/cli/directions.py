@@ -65,7 +65,7 @@ def extract_command(
         )
     d.save(out, overwrite=overwrite)
     t = d.source.get("timings", {})
-    rate = t.get("concepts_per_second")
+    rate = t.get("concepts_per_s")
     typer.echo(
         f"{len(d.concepts)} concepts at layers {d.layers}"
         + (f", {rate:.1f} concepts/s" if isinstance(rate, int | float) else ""),

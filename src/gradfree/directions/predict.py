@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradfree.base.errors import GradfreeError
+from gradfree.directions.concepts import split_concepts
 
 if TYPE_CHECKING:
     import torch
@@ -110,21 +111,6 @@ def evaluate_cos(pred: Any, target: Any) -> float:
 # ----------------------------------------------------------------------------- splits
 
 
-def _split_indices(n: int, fractions: Sequence[float], seed: int) -> dict[str, list[int]]:
-    """A seeded random split of ``range(n)`` into train/val/test, each non-empty."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(fractions[1] * n))
-    n_test = max(1, round(fractions[2] * n))
-    n_train = n - n_val - n_test
-    if n_train < 1:
-        raise GradfreeError(f"{n} concepts are too few to split into train, val and test.")
-    return {
-        "train": sorted(perm[:n_train].tolist()),
-        "val": sorted(perm[n_train : n_train + n_val].tolist()),
-        "test": sorted(perm[n_train + n_val :].tolist()),
-    }
-
-
 def split_by_concept(
     concepts: Sequence[str],
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
@@ -132,8 +118,8 @@ def split_by_concept(
 ) -> dict[str, np.ndarray]:
     """Disjoint train/val/test row indices, by concept (no concept string in two splits).
 
-    Uses ``gradfree.directions.concepts.split_concepts`` when it exists and checks its answer;
-    falls back to a seeded permutation of its own otherwise.
+    The split is ``gradfree.directions.concepts.split_concepts``'s (one home for it); this adds
+    the checks a predictor needs (positive fractions, no empty split).
     """
     concepts = list(concepts)
     if not concepts:
@@ -150,12 +136,7 @@ def split_by_concept(
         raise GradfreeError(
             f"{len(concepts)} concepts are too few to split into train, val and test."
         )
-    try:
-        from gradfree.directions.concepts import split_concepts
-    except ImportError:  # D1's module not there yet: the same contract, implemented here
-        raw = _split_indices(len(concepts), fr, seed)
-    else:
-        raw = split_concepts(concepts, fractions=tuple(fr), seed=seed)
+    raw = split_concepts(concepts, fractions=tuple(fr), seed=seed)
     out = {k: np.asarray(sorted(raw[k]), dtype=np.int64) for k in ("train", "val", "test")}
     seen: dict[str, str] = {}
     for name, idx in out.items():
@@ -394,6 +375,20 @@ def _cos_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(pred, target, dim=1, eps=1e-8).mean()
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the torch baselines train: the seed's recipe (AdamW on 1 − cosine, batch 128)."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_steps: int | None = None  # a cap on optimiser steps, for quick tests
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
 def _train_loop(
     model: Any,
     n_train: int,
@@ -402,13 +397,7 @@ def _train_loop(
     forward_val: Callable[[], torch.Tensor],
     y_train: torch.Tensor,
     y_val: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    max_steps: int | None,
+    settings: TrainSettings,
     progress: Callable[[str], None] | None,
     name: str,
 ) -> tuple[list[dict[str, float]], int]:
@@ -417,8 +406,10 @@ def _train_loop(
 
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    st = settings
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    gen = torch.Generator().manual_seed(st.seed)
+    max_steps, batch_size = st.max_steps, st.batch_size
 
     def evaluate(epoch: int) -> dict[str, float]:
         model.eval()
@@ -431,7 +422,7 @@ def _train_loop(
     history = [evaluate(0)]
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
     steps = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, st.epochs + 1):
         perm = torch.randperm(n_train, generator=gen)
         for i in range(0, n_train, batch_size):
             idx = perm[i : i + batch_size]
@@ -464,14 +455,7 @@ def train_mlp(
     Y_val: Any,
     *,
     hidden: int | None = 256,
-    epochs: int = 50,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    max_steps: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    settings: TrainSettings = TrainSettings(),
     progress: Callable[[str], None] | None = None,
 ) -> TrainedPredictor:
     """Frozen embeddings -> MLP (Linear, GELU, Linear) or, with ``hidden=None``, a linear probe.
@@ -491,8 +475,8 @@ def train_mlp(
     _same_width(x, xv, "validation inputs")
     _same_width(y, yv, "validation targets")
     t0 = time.perf_counter()
-    tdtype = resolve_dtype(dtype)
-    torch.manual_seed(seed)
+    device, tdtype = settings.device, resolve_dtype(settings.dtype)
+    torch.manual_seed(settings.seed)
     d_in, d_out = x.shape[1], y.shape[1]
     core: nn.Module = (
         nn.Linear(d_in, d_out)
@@ -503,10 +487,7 @@ def train_mlp(
     rms = float(np.sqrt(((x - mu) ** 2).mean())) or 1.0
     model = _Standardised(core, mu, rms).to(device=device, dtype=tdtype)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    xt = torch.as_tensor(x, dtype=tdtype, device=device)
-    yt = torch.as_tensor(y, dtype=tdtype, device=device)
-    xvt = torch.as_tensor(xv, dtype=tdtype, device=device)
-    yvt = torch.as_tensor(yv, dtype=tdtype, device=device)
+    xt, yt, xvt, yvt = (torch.as_tensor(a, dtype=tdtype, device=device) for a in (x, y, xv, yv))
     name = "linear probe" if hidden is None else f"mlp h={hidden}"
     history, best = _train_loop(
         model,
@@ -516,14 +497,9 @@ def train_mlp(
         lambda: model(xvt),
         yt,
         yvt,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-        name=name,
+        settings,
+        progress,
+        name,
     )
     return TrainedPredictor(
         model=model,
@@ -533,8 +509,13 @@ def train_mlp(
         best_epoch=best,
         fit_s=time.perf_counter() - t0,
         device=device,
-        extra={"hidden": hidden, "epochs": epochs, "lr": lr, "batch_size": batch_size},
+        extra={"hidden": hidden, **_recipe(settings)},
     )
+
+
+def _recipe(settings: TrainSettings) -> dict[str, Any]:
+    """The training choices recorded with a baseline's row."""
+    return {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size}
 
 
 def _standardised_cls() -> type:
@@ -591,14 +572,7 @@ def train_tiny(
     extra_ids: Sequence[Sequence[int]] = (),
     embed_dim: int = 64,
     hidden: int = 256,
-    epochs: int = 50,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    max_steps: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    settings: TrainSettings = TrainSettings(),
     progress: Callable[[str], None] | None = None,
 ) -> TrainedPredictor:
     """The seed's standalone model: its own ``embed_dim`` token embeddings + MLP, from scratch.
@@ -628,15 +602,14 @@ def train_tiny(
     if used[0] < 0 or used[-1] >= vocab_size:
         raise GradfreeError(f"Token ids must lie in [0, {vocab_size}); got {used[0]}..{used[-1]}.")
     row_of = {t: i for i, t in enumerate(used)}
-    tdtype = resolve_dtype(dtype)
-    torch.manual_seed(seed)
+    device, tdtype = settings.device, resolve_dtype(settings.dtype)
+    torch.manual_seed(settings.seed)
     model = _tiny_cls()(len(used), embed_dim, hidden, y.shape[1]).to(device=device, dtype=tdtype)
     n_mlp = sum(p.numel() for p in model.mlp.parameters())
     n_params = vocab_size * embed_dim + n_mlp
     tr_ids, tr_offs = _bag(ids_train, row_of, device)
     va_ids, va_offs = _bag(ids_val, row_of, device)
-    yt = torch.as_tensor(y, dtype=tdtype, device=device)
-    yvt = torch.as_tensor(yv, dtype=tdtype, device=device)
+    yt, yvt = (torch.as_tensor(a, dtype=tdtype, device=device) for a in (y, yv))
     train_seqs = [list(s) for s in ids_train]
 
     def forward_batch(idx: torch.Tensor) -> torch.Tensor:
@@ -651,14 +624,9 @@ def train_tiny(
         lambda: model(va_ids, va_offs),
         yt,
         yvt,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_steps=max_steps,
-        progress=progress,
-        name=f"tiny e={embed_dim} h={hidden}",
+        settings,
+        progress,
+        f"tiny e={embed_dim} h={hidden}",
     )
     return TrainedPredictor(
         model=model,
@@ -671,7 +639,7 @@ def train_tiny(
         extra={
             "embed_dim": embed_dim,
             "hidden": hidden,
-            "epochs": epochs,
+            **_recipe(settings),
             "rows_materialised": len(used),
             "vocab_size": vocab_size,
         },
@@ -724,6 +692,9 @@ def predictor_table(
     number for the same method is in ``seed_test_cos``.
     """
     _check_methods(methods)
+    settings = TrainSettings(
+        epochs=epochs, seed=seed, max_steps=max_steps, device=device, dtype=dtype
+    )
     concepts = list(directions.concepts)
     Y = _matrix(directions.get(layer, pooling), f"the directions at layer {layer} ({pooling})")
     if Y.shape[0] != len(concepts):
@@ -823,11 +794,7 @@ def predictor_table(
                 X[va],
                 Y[va],
                 hidden=hidden,
-                epochs=epochs,
-                seed=seed,
-                max_steps=max_steps,
-                device=device,
-                dtype=dtype,
+                settings=settings,
                 progress=progress,
             )
             row(
@@ -852,11 +819,7 @@ def predictor_table(
                 extra_ids=[ids[i] for i in te],
                 embed_dim=e,
                 hidden=h,
-                epochs=epochs,
-                seed=seed,
-                max_steps=max_steps,
-                device=device,
-                dtype=dtype,
+                settings=settings,
                 progress=progress,
             )
             row(
@@ -877,6 +840,7 @@ __all__ = [
     "REL_LAMBDAS",
     "SEED_NUMBERS",
     "RidgeMap",
+    "TrainSettings",
     "TrainedPredictor",
     "concept_embeddings",
     "concept_token_ids",
