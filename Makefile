@@ -9,7 +9,7 @@ RUNS   ?= runs
 PAIR   := --teacher qwen2.5-coder-1.5b-instruct --student qwen2.5-coder-0.5b-instruct
 STUDIES := seed000 ablation data-efficiency transfer composability slicing
 
-.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv bench-taskvec clean
+.PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv bench-slice bench-taskvec clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -83,6 +83,19 @@ bench-kv: install
 	mkdir -p $(RUNS)/bench_kv
 	$(PY) scripts/bench_kv.py --json $(RUNS)/bench_kv/bench_kv.json
 
+
+# SliceGPT (reimplemented, per-block bases + shortcut matrices, in process) against `gradfree slice`
+# (one global basis, a plain checkpoint) on the same calibration and held-out tokens (issue 17).
+SLICE_SIDE := $(RUNS)/bench_slice/slicegpt-side-by-side.json
+bench-slice: install
+	$(VENV)/bin/gradfree models fetch smollm2-135m-instruct
+	$(VENV)/bin/gradfree models fetch qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/gradfree data fetch all
+	mkdir -p $(RUNS)/bench_slice
+	for cal in news tourguide; do \
+	  $(PY) scripts/bench_slice.py --models smollm2-135m-instruct --methods global,slicegpt --fractions 0.2,0.25,0.3 --global-extra-fractions 0.1,0.15 --calibrations $$cal --out-side-by-side $(SLICE_SIDE) || exit 1; \
+	  $(PY) scripts/bench_slice.py --models qwen2.5-coder-0.5b-instruct --methods global,slicegpt --fractions 0.2,0.25,0.3 --global-extra-fractions 0.1,0.15 --calibrations $$cal --out-side-by-side $(SLICE_SIDE) || exit 1; \
+	done
 
 # Task vectors (issue 15): the project's 8 LoRA adapters on SmolLM2-135M (trained once, cached),
 # then masks, merges and unmerging measured on them (about 30 min on 2 cores).

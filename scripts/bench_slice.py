@@ -10,25 +10,42 @@ logits).
 Usage (on the shared machine, one heavy job at a time):
     flock /tmp/gradfree-heavy.lock nice -n 5 .venv/bin/python scripts/bench_slice.py \
         --calib-tokens 10000 --eval-tokens 2500 --json out/bench_slice.json
+
+Side by side with SliceGPT (issue 17): ``--methods global,slicegpt`` runs, for every model and
+calibration corpus, the global basis above (method ``gradfree-global``) and the SliceGPT
+baseline (:mod:`gradfree.baselines.slicegpt`: per-block bases and shortcut matrices, evaluated
+in process) on the same calibration documents and the same held-out tokens; parameters are
+counted per stored tensor (shortcuts included, a tied head once). ``--out-side-by-side PATH``
+writes the rows (``model``, ``method``, ``fraction``, ``params``, ``text``, ``ppl``, ...; dense
+rows have fraction 0), appending to / replacing rows of the same model and calibration::
+
+    flock /tmp/heavy.lock .venv/bin/python scripts/bench_slice.py --models smollm2-135m-instruct \
+        --methods global,slicegpt --fractions 0.2,0.25,0.3 --calibrations news \
+        --out-side-by-side docs/results/data/slicegpt-side-by-side.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradfree.adapters import get_adapter
 from gradfree.base.provenance import Stopwatch, machine, versions
+from gradfree.baselines import calibration_windows, param_count, slicegpt_
 from gradfree.evaluation.run import evaluate
 from gradfree.models import load_model
 from gradfree.surgery import basis as B
 from gradfree.surgery import fuse_norms_, slice_, untie_
 from gradfree.surgery.export import plan_widths
+from gradfree.surgery.reconstruct import dense_reference, reconstruct_
 from gradfree.texts.corpora import load_corpus
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
@@ -52,6 +69,170 @@ def ppl(model: Any, tok: Any, docs: list[Any], max_length: int) -> tuple[float, 
     return float(r["ppl"]), int(r["tokens"])
 
 
+METHOD_NAMES = {
+    "global": "gradfree-global",
+    "global-ls": "gradfree-global-ls",
+    "slicegpt": "slicegpt",
+}
+
+
+def _rows_for(
+    base: dict[str, Any], res: dict[str, tuple[float, int]], seconds_eval: float
+) -> list[dict[str, Any]]:
+    return [
+        {**base, "text": t, "ppl": v[0], "tokens": v[1], "seconds_eval": seconds_eval}
+        for t, v in res.items()
+    ]
+
+
+def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Dense, gradfree-global and SliceGPT rows on the same calibration and held-out tokens."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHOD_NAMES]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {sorted(METHOD_NAMES)}")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    extra = [float(f) for f in args.global_extra_fractions.split(",") if f.strip()]
+    calibs = [c.strip() for c in args.calibrations.split(",") if c.strip()]
+    rows: list[dict[str, Any]] = []
+    for name in args.models.split(","):
+        loaded = load_model(name)
+        model, tok = loaded.model, loaded.tokenizer
+        d = get_adapter(model).hidden_size
+        evals = {
+            t: take_tokens(tok, load_corpus(c, split="heldout"), args.eval_tokens)
+            for t, c in TEXTS.items()
+        }
+        t0 = time.perf_counter()
+        dense = {t: ppl(model, tok, docs, args.max_length) for t, docs in evals.items()}
+        base = {"model": name, "method": "dense", "fraction": 0.0, "width": d}
+        base |= {"params": param_count(model), "calibration": "-", "calib_tokens": 0}
+        base |= {"seconds": 0.0}
+        rows += _rows_for(base, dense, time.perf_counter() - t0)
+        for t, v in dense.items():
+            print(f"{name} dense {t}: ppl {v[0]:.3f} ({v[1]} tokens)", flush=True)
+        dense_copy = copy.deepcopy(model)  # SliceGPT starts from the untouched model each time
+        fuse_norms_(model)
+        untie_(model)
+        for calib in calibs:
+            cdocs = take_tokens(
+                tok, load_corpus(TEXTS[calib], split="calibration"), args.calib_tokens
+            )
+            windows = calibration_windows(tok, cdocs, max_length=512)
+            ntok = sum(int(w.numel()) for w in windows)
+            jobs: list[tuple[str, float]] = []
+            if "global" in methods:
+                jobs += [("global", f) for f in sorted(set(fractions + extra))]
+            if "global-ls" in methods:
+                jobs += [("global-ls", f) for f in fractions]
+            if "slicegpt" in methods:
+                jobs += [("slicegpt", f) for f in fractions]
+            q = None
+            t_cal = 0.0
+            ref = None  # the dense model in the basis q, for global-ls (made once per basis)
+            for method, f in jobs:
+                t0 = time.perf_counter()
+                watch = Stopwatch()
+                with watch.stage(f"{method} {f}"):  # peak RSS of the fit and its evaluation
+                    if method in ("global", "global-ls"):
+                        if q is None:
+                            moments, info = B.calibration_moments(loaded, cdocs, max_length=512)
+                            assert info["tokens"] == ntok, (info["tokens"], ntok)
+                            q, _ = B.pca_rotation(B.global_moment(moments))
+                            t_cal = time.perf_counter() - t0
+                            t0 = time.perf_counter()
+                        sliced = copy.deepcopy(model)
+                        (k,) = plan_widths(sliced.config, d, f, 1)
+                        slice_(sliced, k, q)
+                        if method == "global-ls":
+                            if ref is None:
+                                ref = dense_reference(model, q)
+                            rec = reconstruct_(
+                                sliced, ref, tok, cdocs, rel_lam=args.ls_lambda, max_length=512
+                            )
+                            print(
+                                f"{name} global-ls f={f}: reconstructed in {rec['seconds']:.0f}s "
+                                f"({len(rec['fits'])} fitted sites, {rec['tokens']} tokens)",
+                                flush=True,
+                            )
+                        secs = time.perf_counter() - t0 + t_cal
+                        width = k
+                    else:
+                        sliced = copy.deepcopy(dense_copy)
+                        r = slicegpt_(sliced, windows, f, slice_head=args.slicegpt_slice_head)
+                        secs = r.seconds
+                        width = r.widths[0][0]
+                    t1 = time.perf_counter()
+                    res = {t: ppl(sliced, tok, docs, args.max_length) for t, docs in evals.items()}
+                base = {"model": name, "method": METHOD_NAMES[method], "fraction": f}
+                base |= {"width": width, "params": param_count(sliced), "calibration": calib}
+                base |= {"calib_tokens": ntok, "seconds": secs}
+                # peak RSS while this row was made (slice/fit + evaluation), sampled
+                base |= {"peak_rss_gib": round(watch.rows[-1]["peak_rss_gib"], 3)}
+                if method == "global-ls":
+                    base |= {"ls_lambda": args.ls_lambda}
+                rows += _rows_for(base, res, time.perf_counter() - t1)
+                del sliced
+                if args.out_side_by_side:  # after every row: a job cut short keeps its rows
+                    write_side_by_side(args.out_side_by_side, rows, args)
+                print(
+                    f"{name} {METHOD_NAMES[method]} calib={calib} f={f} k={width} "
+                    f"params={base['params']} slice {secs:.0f}s "
+                    f"peak RSS {base['peak_rss_gib']:.2f} GiB "
+                    f"eval {time.perf_counter() - t1:.0f}s "
+                    + " ".join(f"{t}={v[0]:.3f}" for t, v in res.items()),
+                    flush=True,
+                )
+            ref = None
+        del model, loaded, dense_copy
+    return rows
+
+
+def equal_params(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every SliceGPT row: the global basis's perplexity at the same parameter count,
+    interpolated linearly in (params, log ppl) between the two nearest global rows (None where
+    the global rows do not bracket it)."""
+    out = []
+    for r in rows:
+        if r["method"] != "slicegpt":
+            continue
+        pts = sorted(
+            (g["params"], g["ppl"])
+            for g in rows
+            if g["method"] == "gradfree-global"
+            and (g["model"], g["calibration"], g["text"])
+            == (r["model"], r["calibration"], r["text"])
+        )
+        est = None
+        for (p0, y0), (p1, y1) in itertools.pairwise(pts):
+            if p0 <= r["params"] <= p1 and p1 > p0:
+                w = (r["params"] - p0) / (p1 - p0)
+                est = math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+        out.append(
+            {
+                **{k: r[k] for k in ("model", "calibration", "text", "fraction", "params")},
+                "ppl_slicegpt": r["ppl"],
+                "ppl_global_at_equal_params": est,
+            }
+        )
+    return out
+
+
+def write_side_by_side(path: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Merge ``rows`` into the JSON list at ``path``: rows of the same model and calibration
+    (dense rows: same model) are replaced, others kept."""
+    p = Path(path)
+    old: list[dict[str, Any]] = json.loads(p.read_text()) if p.exists() else []
+    new_keys = {(r["model"], r["calibration"]) for r in rows}
+    kept = [r for r in old if (r["model"], r["calibration"]) not in new_keys]
+    stamp = {"machine": machine(), "command_args": vars(args)}
+    merged = kept + [{**r, **stamp} for r in rows]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -63,8 +244,33 @@ def main() -> None:
         "--recompute", type=float, default=None, help="Also: this fraction in 2 stages."
     )
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--methods", default=None, help="Side by side: comma list of global, global-ls, slicegpt."
+    )
+    ap.add_argument(
+        "--ls-lambda", type=float, default=1e-2, help="global-ls: ridge λ relative to tr(C)/k."
+    )
+    ap.add_argument("--calibrations", default=",".join(TEXTS), help="With --methods.")
+    ap.add_argument(
+        "--global-extra-fractions",
+        default="",
+        help="With --methods: more fractions for the global basis (for equal-parameter rows).",
+    )
+    ap.add_argument("--slicegpt-slice-head", action="store_true", help="Slice the head too.")
+    ap.add_argument("--out-side-by-side", default=None, help="With --methods: the rows' JSON.")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.methods is not None:
+        rows_sbs = side_by_side(args)
+        for e in equal_params(rows_sbs):
+            g = e["ppl_global_at_equal_params"]
+            print(
+                f"equal params {e['model']} calib={e['calibration']} {e['text']} f={e['fraction']} "
+                f"params={e['params']}: slicegpt {e['ppl_slicegpt']:.3f}, global "
+                + ("n/a" if g is None else f"{g:.3f}"),
+                flush=True,
+            )
+        return
     rows: list[dict[str, Any]] = []
     fractions = [float(f) for f in args.fractions.split(",")]
     print(

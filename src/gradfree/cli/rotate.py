@@ -116,6 +116,14 @@ def slice_command(
         False, "--recompute", help="Slice in stages, re-measuring through the sliced model."
     ),
     steps: int = typer.Option(2, "--steps", help="Stages with --recompute."),
+    reconstruct: bool = typer.Option(
+        False,
+        "--reconstruct",
+        help="Re-fit every linear by ridge least squares toward the dense model (needs --corpus).",
+    ),
+    reconstruct_lambda: float | None = typer.Option(
+        None, "--reconstruct-lambda", help="Its ridge λ relative to tr(C)/k (default 0.01)."
+    ),
     damping: float = _DAMPING,
     eval_corpus: str | None = typer.Option(
         None, "--eval-corpus", help="Held-out text (default: the calibration corpus)."
@@ -133,7 +141,8 @@ def slice_command(
     save_format: str = SAVE_FORMAT,
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Remove a fraction of the residual width with one global PCA basis (plain checkpoint)."""
+    """Remove a fraction of the residual width with one global PCA basis (plain checkpoint);
+    with --reconstruct, then re-fit the linears to the dense model's outputs."""
     _run(
         {
             "command": "slice",
@@ -146,6 +155,9 @@ def slice_command(
             "capture": str(capture) if capture else None,
             "recompute": recompute,
             "steps": steps,
+            # recorded only when asked for, so a plain slice's config stays as it was
+            "reconstruct": True if reconstruct else None,
+            "reconstruct_lambda": reconstruct_lambda,
             "eval_corpus": eval_corpus,
             "eval_split": eval_split,
             "eval_limit": eval_limit,

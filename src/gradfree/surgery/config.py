@@ -19,7 +19,10 @@ class SurgeryConfig(BaseModel):
     rotate: exactly one of ``capture`` (PCA basis), ``random_seed`` or ``matrix``.
     slice: ``fraction`` in [0, 1) and calibration from ``capture`` or ``corpus`` (+ split, limit);
     ``recompute`` slices in ``steps`` stages, re-measuring the statistics through the model sliced
-    so far (needs ``corpus``). ``per_layer`` (rotate with a capture) adds the per-layer-basis study.
+    so far (needs ``corpus``). ``reconstruct`` (needs ``corpus``, one stage) then re-fits every
+    linear by ridge least squares toward the dense model (:mod:`.reconstruct`), with
+    ``reconstruct_lambda`` relative to tr(C)/k (default 0.01). ``per_layer`` (rotate with a
+    capture) adds the per-layer-basis study.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -37,6 +40,8 @@ class SurgeryConfig(BaseModel):
     recompute: bool = False
     steps: int = 2
     per_layer: bool = False
+    reconstruct: bool = False
+    reconstruct_lambda: float | None = None  # None: REL_LAMBDA of :mod:`.reconstruct` (0.01)
     damping: float = 0.01
     max_length: int = 512
     batch_size: int = 4
@@ -59,8 +64,15 @@ class SurgeryConfig(BaseModel):
             ]
             if len(given) != 1:
                 raise ValueError("rotate needs exactly one of --capture, --random-seed or --matrix")
-            if self.fraction is not None or self.corpus is not None or self.recompute:
-                raise ValueError("--fraction, --corpus and --recompute belong to slice")
+            if (
+                self.fraction is not None
+                or self.corpus is not None
+                or self.recompute
+                or self.reconstruct
+            ):
+                raise ValueError(
+                    "--fraction, --corpus, --recompute and --reconstruct belong to slice"
+                )
             if self.per_layer and self.capture is None:
                 raise ValueError("--per-layer needs --capture")
         else:
@@ -72,8 +84,16 @@ class SurgeryConfig(BaseModel):
                 raise ValueError("--random-seed, --matrix and --per-layer belong to rotate")
             if self.recompute and self.corpus is None:
                 raise ValueError("--recompute runs the sliced model again, so it needs --corpus")
+            if self.reconstruct and (self.corpus is None or self.recompute):
+                raise ValueError(
+                    "--reconstruct needs --corpus and works with one basis (no --recompute)"
+                )
+            if self.reconstruct_lambda is not None and self.reconstruct_lambda < 0:
+                raise ValueError("--reconstruct-lambda cannot be negative")
             if self.recompute and self.steps < 2:
                 raise ValueError("--recompute needs --steps of at least 2")
+        if self.reconstruct_lambda is not None and not self.reconstruct:
+            raise ValueError("--reconstruct-lambda only applies with --reconstruct")
         if self.damping < 0:
             raise ValueError("--damping cannot be negative")
         if min(self.max_length, self.batch_size, self.check_windows) < 1 or self.check_tokens < 2:

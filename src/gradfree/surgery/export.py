@@ -37,6 +37,7 @@ from gradfree.surgery.config import SurgeryConfig
 from gradfree.surgery.fold import fuse_norms_, untie_
 from gradfree.surgery.ledger import rotation_entry
 from gradfree.surgery.maths import check_orthogonal, random_orthogonal
+from gradfree.surgery.reconstruct import REL_LAMBDA, dense_reference, reconstruct_
 from gradfree.surgery.report import write_report
 from gradfree.surgery.rotate import rotate_residual_
 from gradfree.surgery.slicing import nearest_allowed_width, slice_
@@ -205,6 +206,7 @@ def _slice(
     glob = B.global_moment(moments)
     stages = []
     ledger = []
+    reconstruction: dict[str, Any] | None = None
     for s, k in enumerate(widths):
         if s > 0:  # re-measure through the model as sliced so far
             assert inp.calib is not None
@@ -214,7 +216,24 @@ def _slice(
             q, _ = B.pca_rotation(glob, cfg.damping)
         kept = B.kept_energy(glob, q, k)
         log(f"slicing {a.hidden_size} -> {k} (keeps {kept:.4f} of the calibration energy)")
+        ref = dense_reference(model, q) if cfg.reconstruct else None
         info = slice_(model, k, q)
+        if ref is not None:
+            assert inp.calib is not None  # the config requires --corpus with --reconstruct
+            log(f"reconstructing the {k}-wide model against the dense one")
+            rec = reconstruct_(
+                model,
+                ref,
+                loaded.tokenizer,
+                inp.calib,
+                rel_lam=REL_LAMBDA if cfg.reconstruct_lambda is None else cfg.reconstruct_lambda,
+                max_length=cfg.max_length,
+                progress=log,
+            )
+            del ref
+            keys = ("rel_lambda", "head", "windows", "tokens", "seconds")
+            reconstruction = {k2: rec[k2] for k2 in keys}
+            reconstruction["fitted_sites"] = len(rec["fits"])
         ledger.append(rotation_entry(q, f"Q_stage{s}" if len(widths) > 1 else "Q"))
         ledger.append(rotation_entry(q[:, :k], f"kept_stage{s}" if len(widths) > 1 else "kept"))
         stages.append(
@@ -236,6 +255,7 @@ def _slice(
             else f"{requested} is not allowed by the config; nearest allowed width {widths[-1]}"
         ),
         "stages": stages,
+        "reconstruction": reconstruction,
         "recompute": (
             f"approximation of SliceGPT's per-layer recomputation: {len(widths)} global stages"
             if cfg.recompute
