@@ -10,15 +10,15 @@ Stages (each resumes from what earlier runs left in runs/bench-steering/):
 - setup: creates runs/venv-steering once (torch==2.13.0 CPU, transformers==4.57.6,
   steering-vectors==0.12.2: the package pins transformers < 5, so it cannot share the project's
   venv).
-- prepare: reads D1's directions (runs/directions/qwen0.5b-20k and qwen1.5b-20k), picks the
+- prepare: reads the extracted directions (runs/directions/qwen0.5b-50k and qwen1.5b-20k), picks the
   layer, the concepts to steer (held-out test split, single-token words), related words (nearest
   single-token concepts by the model's input-embedding cosine, independent of either method),
   and measures the median residual norm at the layer on neutral text: every vector is steered
   as unit vector × strength × that norm, so strengths mean the same for every method (equal norm).
 - caa (in runs/venv-steering): CAA vectors with ``steering_vectors.train_steering_vector`` at
-  the same block output (decoder_block, last token): positive prompts are D1's templates with the
-  concept, negative ones the same templates with neutral words. Saved as .npy; also checks that
-  the package's own ``apply`` and our hook give the same logits.
+  the same block output (decoder_block, last token): positive prompts are the extraction's
+  templates with the concept, negative ones the same templates with neutral words. Saved as
+  .npy; also checks that the package's own ``apply`` and our hook give the same logits.
 - steer: ``gradfree.directions.steer.steering_effect`` for ours (mean and last pooling) and CAA.
 - capture: a paired capture (1.5B teacher, 0.5B student) of the residual streams at the chosen
   layers on news text (calibration split to fit, held-out split to choose λ / ε / k).
@@ -26,7 +26,7 @@ Stages (each resumes from what earlier runs left in runs/bench-steering/):
   Procrustes) and, for comparison, from paired train-split directions; (a) held-out cosine of
   transferred 1.5B directions to the 0.5B's own on test concepts; (b) steering effect of the
   transferred directions against the native ones at equal norm.
-- report: tables on stdout, JSON to docs/results/data/directions-steering-2026-12-04.json, curves
+- report: tables on stdout, JSON to docs/results/data/directions-steering-2026-12-07.json, curves
   to docs/results/directions-steering.png.
 
 Only the stdlib is imported at module level: the caa stage runs this file in the other venv.
@@ -50,9 +50,9 @@ VENV = RUNS / "venv-steering"
 PINS = ["torch==2.13.0", "transformers==4.57.6", "steering-vectors==0.12.2"]
 STUDENT = "qwen2.5-coder-0.5b-instruct"
 TEACHER = "qwen2.5-coder-1.5b-instruct"
-STUDENT_DIRS = RUNS / "directions" / "qwen0.5b-20k"
+STUDENT_DIRS = RUNS / "directions" / "qwen0.5b-50k"
 TEACHER_DIRS = RUNS / "directions" / "qwen1.5b-20k"
-OUT_JSON = ROOT / "docs" / "results" / "data" / "directions-steering-2026-12-04.json"
+OUT_JSON = ROOT / "docs" / "results" / "data" / "directions-steering-2026-12-07.json"
 OUT_PNG = ROOT / "docs" / "results" / "directions-steering.png"
 NEUTRAL_WORDS = ("thing", "stuff", "something")
 PROMPTS = [
@@ -73,7 +73,9 @@ PROMPTS = [
     "My favourite thing in the world is the",
     "The next chapter is about the",
 ]
-STRENGTHS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
+# Dense below 0.5: the equal-cost table reads perplexity ratios up to 2, which every method
+# reaches by strength 0.5-0.75 (1.5 costs x100 or more and told nothing).
+STRENGTHS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 COSTS = [1.05, 1.1, 1.25, 1.5, 2.0]
 
 
@@ -160,11 +162,28 @@ def stage_prepare(a: argparse.Namespace) -> None:
         n = len(tok(" " + w, add_special_tokens=False)["input_ids"])
         return w.isalpha() and (n == 1 or a.multi_token_ok)
 
-    chosen = [
+    # Candidates: held-out content words (no stop words, not the most common, one token). They
+    # are ranked by how plausible the model finds them after the prompts (which all end in "the"
+    # or "a", so nouns rank first), a choice made by the model alone, before either method runs.
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    cands = [
         i
         for i in split["test"]
-        if i >= a.skip_common and single(ds.concepts[i]) and ds.concepts[i] in t_index
-    ][: a.concepts]
+        if a.skip_common <= i < a.max_index
+        and ds.concepts[i] not in ENGLISH_STOP_WORDS
+        and len(ds.concepts[i]) >= 4
+        and single(ds.concepts[i])
+        and ds.concepts[i] in t_index
+    ]
+    cand_ids = torch.tensor([word_token(tok, ds.concepts[i]) for i in cands])
+    score = torch.zeros(len(cands), dtype=torch.float64)
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            logits = lm.model(**tok(prompt, return_tensors="pt"), use_cache=False).logits[0, -1]
+            score += torch.log_softmax(logits.double(), dim=-1)[cand_ids] / len(PROMPTS)
+    order = torch.argsort(score, descending=True).tolist()
+    chosen = sorted(cands[j] for j in order[: a.concepts])
     # related words: nearest single-token concepts by input-embedding cosine (neither method's)
     emb = adapter.embed_tokens.weight.detach().double()
     pool = [i for i in range(len(ds.concepts)) if single(ds.concepts[i])][:8000]
@@ -217,8 +236,11 @@ def stage_prepare(a: argparse.Namespace) -> None:
         "residual_norm_median": float(np.median(norms)),
         "strengths_rel": STRENGTHS,
         "concept_selection": (
-            f"test split of split_concepts(seed=0), list index >= {a.skip_common}, alphabetic, "
-            "one token as ' '+word, first in list order"
+            f"test split of split_concepts(seed=0), list index in [{a.skip_common}, "
+            f"{a.max_index}), alphabetic, >= 4 letters, not in scikit-learn's "
+            "ENGLISH_STOP_WORDS, one token as ' '+word, in the teacher's list; the "
+            f"{a.concepts} with the highest mean log-probability after the prompts "
+            "(unsteered), in list order"
         ),
     }
     write(out, plan)
@@ -443,7 +465,8 @@ def stage_capture(a: argparse.Namespace) -> None:
 
     if a.capture_layers:
         # Before the plan exists: student block outputs given, teacher blocks proportional.
-        layers, layer_map = [x + 1 for x in a.capture_layers], "proportional"
+        layers = [x + 1 for x in a.capture_layers]
+        layer_map: Any = "proportional"
     else:
         plan = read(WORK / "plan.json")
         layer, t_layer = int(plan["layer"]), int(plan["teacher_layer"])
@@ -648,10 +671,18 @@ def _report(a: argparse.Namespace) -> None:
     for n in names:
         per = series[n]
         row: dict[str, Any] = {"method": n, "concepts": len([c for c in common if c in per])}
+        caa_per = series.get("caa", {})
         for cost in COSTS:
             vals = [rise_at_cost(per[c], cost) for c in common]
             row[f"rise@ppl x{cost}"] = _nanmean(vals)
             row[f"reached@x{cost}"] = int(np.sum(~np.isnan(vals)))
+            rel = [rise_at_cost(per[c], cost, "related_rise") for c in common]
+            row[f"related@ppl x{cost}"] = _nanmean(rel)
+            if caa_per and n != "caa":
+                # per concept: does this method rise at least as much as CAA at this cost?
+                theirs = [rise_at_cost(caa_per[c], cost) for c in common]
+                pairs = [(v, w) for v, w in zip(vals, theirs, strict=True) if v == v and w == w]
+                row[f"wins_vs_caa@x{cost}"] = f"{sum(v >= w for v, w in pairs)}/{len(pairs)}"
         mc = _mean_curve(per, common)
         row["curve"] = mc
         table.append(row)
@@ -666,6 +697,14 @@ def _report(a: argparse.Namespace) -> None:
         for c in COSTS:
             v = r[f"rise@ppl x{c}"]
             cells.append(f"{v:8.3f}" if v is not None else f"{'—':>8}")
+        print(" | ".join(cells))
+    print("\n== the same for the related words (nearest by input embedding), and wins vs CAA ==")
+    for r in table:
+        cells = [f"{r['method']:>28}"]
+        for c in COSTS:
+            v = r[f"related@ppl x{c}"]
+            w = r.get(f"wins_vs_caa@x{c}", "")
+            cells.append((f"{v:6.3f}" if v is not None else f"{'—':>6}") + f" {w:>5}")
         print(" | ".join(cells))
     print("\n== mean curves (strength × median |h|: rise / related rise / ppl ratio) ==")
     for r in table:
@@ -716,8 +755,8 @@ def _report(a: argparse.Namespace) -> None:
     caa = read(WORK / "caa.json") if (WORK / "caa.json").exists() else None
     result = {
         "issue": 16,
-        "date": "2026-12-04",
-        "command": "python scripts/bench_steering.py",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "command": "python scripts/bench_steering.py " + " ".join(sys.argv[1:]),
         "plan": plan,
         "caa": caa,
         "equal_cost_table": table,
@@ -745,8 +784,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="all", choices=["all", *STAGES, "caa-worker"])
     ap.add_argument("--layer", type=int, default=None)
-    ap.add_argument("--concepts", type=int, default=5)
+    ap.add_argument("--concepts", type=int, default=12)
     ap.add_argument("--skip-common", type=int, default=1000)
+    ap.add_argument("--max-index", type=int, default=10000, help="concepts past it are too rare")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--doc-chars", type=int, default=500)
     ap.add_argument("--poolings", nargs="+", default=["mean", "last"])
