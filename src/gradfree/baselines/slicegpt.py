@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
+from gradfree.adapters import LayerAdapter, get_adapter
 from gradfree.base.errors import GradfreeError
 from gradfree.base.numerics import sym_eigh
+from gradfree.surgery.blocks import block_inputs
 from gradfree.surgery.edit import (
     assign_,
     f64,
@@ -240,40 +241,6 @@ def _project(signals: list[torch.Tensor], q: torch.Tensor, k: int) -> list[torch
     return [(f64(s) @ q[:, :k].to(s.device)).to(s.dtype) for s in signals]
 
 
-def _capture_block_inputs(
-    model: nn.Module, a: ModelAdapter, windows: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """Run the dense model once per window; keep block 0's input and the keyword arguments every
-    block receives (attention mask, RoPE tables: independent of the width, reused later)."""
-    inputs: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(a.num_layers)]
-
-    def grab(i: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if args[1:]:
-                raise GradfreeError("SliceGPT expects decoder blocks called with keywords.")
-            kw = dict(kw)
-            x = args[0] if args else kw.pop("hidden_states")
-            kwargs[i].append(kw)
-            if i == 0:
-                inputs.append(x.detach())
-
-        return hook
-
-    handles = [
-        layer.module.register_forward_pre_hook(grab(layer.index), with_kwargs=True)
-        for layer in a.layers
-    ]
-    dev = a.embed_tokens.weight.device
-    try:
-        for ids in windows:
-            model(input_ids=ids.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs, kwargs
-
-
 def _run_block(
     layer: LayerAdapter,
     hooks: _Shortcuts,
@@ -330,7 +297,7 @@ def slicegpt_(
     for norm in (*(n for la in a.layers for n in (la.attn_norm, la.mlp_norm)), a.final_norm):
         if not math.isclose(norm_eps(norm), eps, rel_tol=1e-6):
             raise GradfreeError("SliceGPT needs every RMSNorm to use the config's rms_norm_eps.")
-    x0, kwargs = _capture_block_inputs(model, a, windows)
+    x0, kwargs = block_inputs(model, windows)
     tokens = sum(int(w.numel()) for w in windows)
     hooks = [_Shortcuts(layer) for layer in a.layers]
     handles = [h for hk in hooks for h in hk.handles]

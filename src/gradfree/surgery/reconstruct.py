@@ -57,6 +57,7 @@ from torch import nn
 from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
 from gradfree.base.errors import GradfreeError
 from gradfree.solvers.ridge import iter_ridge_chunks, resolve_lambda, ridge_from_stats
+from gradfree.surgery.blocks import block_inputs
 from gradfree.surgery.edit import assign_, f64, maybe_param, norm_eps, param
 from gradfree.texts.windows import iter_windows
 
@@ -344,45 +345,25 @@ def _run_block(
 
 
 def _block_inputs(
-    dense: nn.Module, sliced: nn.Module, d: ModelAdapter, s: ModelAdapter, windows: Sequence[Any]
+    dense: nn.Module, sliced: nn.Module, s: ModelAdapter, windows: Sequence[Any]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[dict[str, Any]]]]:
     """Per window: block 0's input in the dense and the sliced model, and the keyword arguments
-    every dense block receives (attention mask, RoPE tables: they depend on the positions and the
-    head width only, so the sliced blocks get the same ones)."""
-    xd: list[torch.Tensor] = []
+    every dense block receives (the sliced blocks get the same ones)."""
+    xd, kwargs = block_inputs(dense, windows)
     xs: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(d.num_layers)]
-
-    def grab(i: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if args[1:]:
-                raise GradfreeError("Reconstruction expects decoder blocks called with keywords.")
-            kw = dict(kw)
-            x = args[0] if args else kw.pop("hidden_states")
-            kwargs[i].append(kw)
-            if i == 0:
-                xd.append(x.detach())
-
-        return hook
 
     def first(_m: nn.Module, args: tuple, kw: dict) -> None:
         xs.append((args[0] if args else kw["hidden_states"]).detach())
         raise _Stop  # the sliced model's embedding output is all that is wanted
 
-    handles = [
-        layer.module.register_forward_pre_hook(grab(layer.index), with_kwargs=True)
-        for layer in d.layers
-    ]
-    handles.append(s.layer(0).module.register_forward_pre_hook(first, with_kwargs=True))
-    dev_d, dev_s = d.embed_tokens.weight.device, s.embed_tokens.weight.device
+    handle = s.layer(0).module.register_forward_pre_hook(first, with_kwargs=True)
+    dev_s = s.embed_tokens.weight.device
     try:
         for ids in windows:
-            dense(input_ids=ids.to(dev_d), use_cache=False)
             with contextlib.suppress(_Stop):
                 sliced(input_ids=ids.to(dev_s), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     return xd, xs, kwargs
 
 
@@ -469,7 +450,7 @@ def reconstruct_(
     ]
     if not windows:
         raise GradfreeError("The calibration documents gave no tokens.")
-    xd, xs, kwargs = _block_inputs(dense, sliced, d, s, windows)
+    xd, xs, kwargs = _block_inputs(dense, sliced, s, windows)
     rows: list[dict[str, Any]] = []
     for j in range(s.num_layers):
         t0 = time.perf_counter()
