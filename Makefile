@@ -92,10 +92,11 @@ bench-slice: install
 	$(VENV)/bin/gradfree models fetch qwen2.5-coder-0.5b-instruct
 	$(VENV)/bin/gradfree data fetch all
 	mkdir -p $(RUNS)/bench_slice
-	for cal in news tourguide; do \
-	  $(PY) scripts/bench_slice.py --models smollm2-135m-instruct --methods global,slicegpt --fractions 0.2,0.25,0.3 --global-extra-fractions 0.1,0.15 --calibrations $$cal --out-side-by-side $(SLICE_SIDE) || exit 1; \
-	  $(PY) scripts/bench_slice.py --models qwen2.5-coder-0.5b-instruct --methods global,slicegpt --fractions 0.2,0.25,0.3 --global-extra-fractions 0.1,0.15 --calibrations $$cal --out-side-by-side $(SLICE_SIDE) || exit 1; \
+	for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do \
+	  $(PY) scripts/bench_slice.py --models $$m --methods global,global-ls,slicegpt --fractions 0.2,0.25,0.3 --global-extra-fractions 0.1,0.15 --calibrations news --out-side-by-side $(SLICE_SIDE) || exit 1; \
+	  $(PY) scripts/bench_slice.py --models $$m --methods prune-ls,prune-ls-heads,slicegpt-eq --param-fractions 0.2,0.25,0.3 --calibrations news --out-side-by-side $(SLICE_SIDE) || exit 1; \
 	done
+	$(PY) scripts/plot_slice.py --json $(SLICE_SIDE) --calibration news --out $(RUNS)/bench_slice/slicegpt-side-by-side.png
 
 # Task vectors (issue 15): the project's 8 LoRA adapters on SmolLM2-135M (trained once, cached),
 # then masks, merges and unmerging measured on them (about 30 min on 2 cores).

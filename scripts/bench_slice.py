@@ -39,13 +39,19 @@ import torch
 
 from gradfree.adapters import get_adapter
 from gradfree.base.provenance import Stopwatch, machine, versions
-from gradfree.baselines import calibration_windows, param_count, slicegpt_
+from gradfree.baselines import (
+    calibration_windows,
+    param_count,
+    slicegpt_,
+    slicegpt_fraction_for_params,
+)
 from gradfree.evaluation.run import evaluate
 from gradfree.models import load_model
 from gradfree.surgery import basis as B
 from gradfree.surgery import fuse_norms_, slice_, untie_
 from gradfree.surgery.export import plan_widths
-from gradfree.surgery.reconstruct import dense_reference, reconstruct_
+from gradfree.surgery.prune import mlp_keep_for_params
+from gradfree.surgery.reconstruct import PrunePlan, dense_reference, reconstruct_
 from gradfree.texts.corpora import load_corpus
 
 MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
@@ -73,7 +79,13 @@ METHOD_NAMES = {
     "global": "gradfree-global",
     "global-ls": "gradfree-global-ls",
     "slicegpt": "slicegpt",
+    # at a parameter target (--param-fractions) rather than a width fraction
+    "prune-ls": "gradfree-prune-ls",
+    "prune-ls-heads": "gradfree-prune-ls-heads",
+    "slicegpt-eq": "slicegpt",
+    "slice-prune-ls": "gradfree-slice-prune-ls",
 }
+AT_PARAMS = ("prune-ls", "prune-ls-heads", "slicegpt-eq", "slice-prune-ls")
 
 
 def _rows_for(
@@ -92,6 +104,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {sorted(METHOD_NAMES)}")
     fractions = [float(f) for f in args.fractions.split(",")]
+    param_fractions = [float(f) for f in args.param_fractions.split(",") if f.strip()]
     extra = [float(f) for f in args.global_extra_fractions.split(",") if f.strip()]
     calibs = [c.strip() for c in args.calibrations.split(",") if c.strip()]
     rows: list[dict[str, Any]] = []
@@ -108,6 +121,10 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = {"model": name, "method": "dense", "fraction": 0.0, "width": d}
         base |= {"params": param_count(model), "calibration": "-", "calib_tokens": 0}
         base |= {"seconds": 0.0}
+        dense_params = base["params"]
+        # query heads kept per KV group by prune-ls-heads: one fewer (transformers permitting)
+        geo = get_adapter(model).geometry
+        heads_keep = max(1, geo.group_size - 1)
         rows += _rows_for(base, dense, time.perf_counter() - t0)
         for t, v in dense.items():
             print(f"{name} dense {t}: ppl {v[0]:.3f} ({v[1]} tokens)", flush=True)
@@ -127,11 +144,13 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                 jobs += [("global-ls", f) for f in fractions]
             if "slicegpt" in methods:
                 jobs += [("slicegpt", f) for f in fractions]
+            jobs += [(m, p) for m in AT_PARAMS if m in methods for p in param_fractions]
             q = None
             t_cal = 0.0
             ref = None  # the dense model in the basis q, for global-ls (made once per basis)
             for method, f in jobs:
                 t0 = time.perf_counter()
+                extra_fields: dict[str, Any] = {}
                 watch = Stopwatch()
                 with watch.stage(f"{method} {f}"):  # peak RSS of the fit and its evaluation
                     if method in ("global", "global-ls"):
@@ -157,11 +176,78 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                             )
                         secs = time.perf_counter() - t0 + t_cal
                         width = k
+                    elif method == "slice-prune-ls":
+                        # slice --combo-width of the width (global basis), then prune MLP
+                        # neurons to the target inside the reconstruction
+                        if q is None:
+                            moments, _ = B.calibration_moments(loaded, cdocs, max_length=512)
+                            q, _ = B.pca_rotation(B.global_moment(moments))
+                        sliced = copy.deepcopy(model)
+                        (k,) = plan_widths(sliced.config, d, args.combo_width, 1)
+                        if ref is None:
+                            ref = dense_reference(model, q)
+                        slice_(sliced, k, q)
+                        target = int((1.0 - f) * dense_params)
+                        plan = PrunePlan(mlp_keep_for_params(sliced, target))
+                        rec = reconstruct_(
+                            sliced,
+                            ref,
+                            tok,
+                            cdocs,
+                            rel_lam=args.ls_lambda,
+                            max_length=512,
+                            prune=plan,
+                        )
+                        secs = time.perf_counter() - t0
+                        width = k
+                        extra_fields = {
+                            "target_param_fraction": f,
+                            "width_fraction": args.combo_width,
+                            "intermediate_size": plan.mlp_keep,
+                        }
+                    elif method in ("prune-ls", "prune-ls-heads"):
+                        # from the untouched model: no fusion, so a tied head stays tied
+                        target = int((1.0 - f) * dense_params)
+                        heads = heads_keep if method == "prune-ls-heads" else None
+                        plan = PrunePlan(mlp_keep_for_params(dense_copy, target, heads), heads)
+                        sliced = copy.deepcopy(dense_copy)
+                        rec = reconstruct_(
+                            sliced,
+                            dense_copy,
+                            tok,
+                            cdocs,
+                            rel_lam=args.ls_lambda,
+                            head=not get_adapter(sliced).tied,
+                            max_length=512,
+                            prune=plan,
+                        )
+                        print(
+                            f"{name} {method} target -{f:.0%} params: {plan.mlp_keep} neurons, "
+                            f"{rec['prune']['num_attention_heads']} heads, "
+                            f"{rec['seconds']:.0f}s",
+                            flush=True,
+                        )
+                        secs = time.perf_counter() - t0
+                        width = d
+                        extra_fields = {
+                            "target_param_fraction": f,
+                            "intermediate_size": plan.mlp_keep,
+                            "num_attention_heads": rec["prune"]["num_attention_heads"],
+                        }
                     else:
                         sliced = copy.deepcopy(dense_copy)
-                        r = slicegpt_(sliced, windows, f, slice_head=args.slicegpt_slice_head)
+                        fs = f
+                        if method == "slicegpt-eq":
+                            fs = slicegpt_fraction_for_params(
+                                dense_copy,
+                                int((1.0 - f) * dense_params),
+                                slice_head=args.slicegpt_slice_head,
+                            )
+                            extra_fields = {"target_param_fraction": f}
+                        r = slicegpt_(sliced, windows, fs, slice_head=args.slicegpt_slice_head)
                         secs = r.seconds
                         width = r.widths[0][0]
+                        f = fs
                     t1 = time.perf_counter()
                     res = {t: ppl(sliced, tok, docs, args.max_length) for t, docs in evals.items()}
                 base = {"model": name, "method": METHOD_NAMES[method], "fraction": f}
@@ -169,8 +255,10 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                 base |= {"calib_tokens": ntok, "seconds": secs}
                 # peak RSS while this row was made (slice/fit + evaluation), sampled
                 base |= {"peak_rss_gib": round(watch.rows[-1]["peak_rss_gib"], 3)}
-                if method == "global-ls":
+                if method in ("global-ls", "prune-ls", "prune-ls-heads", "slice-prune-ls"):
                     base |= {"ls_lambda": args.ls_lambda}
+                base |= extra_fields
+                base |= {"param_fraction_removed": 1.0 - base["params"] / dense_params}
                 rows += _rows_for(base, res, time.perf_counter() - t1)
                 del sliced
                 if args.out_side_by_side:  # after every row: a job cut short keeps its rows
@@ -218,13 +306,21 @@ def equal_params(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes a row: one model, method, knob (fraction or parameter target), calibration and
+    held-out text."""
+    knob = r.get("target_param_fraction", r["fraction"])
+    equal = "target_param_fraction" in r
+    return (r["model"], r["method"], r["calibration"], round(knob, 6), equal, r["text"])
+
+
 def write_side_by_side(path: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Merge ``rows`` into the JSON list at ``path``: rows of the same model and calibration
-    (dense rows: same model) are replaced, others kept."""
+    """Merge ``rows`` into the JSON list at ``path``: a row of the same model, method, knob,
+    calibration and text is replaced, others kept (so runs of different methods add up)."""
     p = Path(path)
     old: list[dict[str, Any]] = json.loads(p.read_text()) if p.exists() else []
-    new_keys = {(r["model"], r["calibration"]) for r in rows}
-    kept = [r for r in old if (r["model"], r["calibration"]) not in new_keys]
+    new_keys = {_row_key(r) for r in rows}
+    kept = [r for r in old if _row_key(r) not in new_keys]
     stamp = {"machine": machine(), "command_args": vars(args)}
     merged = kept + [{**r, **stamp} for r in rows]
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -245,12 +341,25 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None)
     ap.add_argument(
-        "--methods", default=None, help="Side by side: comma list of global, global-ls, slicegpt."
+        "--methods",
+        default=None,
+        help="Side by side: comma list of " + ", ".join(METHOD_NAMES) + ".",
     )
     ap.add_argument(
         "--ls-lambda", type=float, default=1e-2, help="global-ls: ridge λ relative to tr(C)/k."
     )
     ap.add_argument("--calibrations", default=",".join(TEXTS), help="With --methods.")
+    ap.add_argument(
+        "--combo-width",
+        type=float,
+        default=0.1,
+        help="slice-prune-ls: the share of the residual width sliced before pruning.",
+    )
+    ap.add_argument(
+        "--param-fractions",
+        default="0.2,0.25,0.3",
+        help="prune-ls, prune-ls-heads, slicegpt-eq: fractions of the dense parameters removed.",
+    )
     ap.add_argument(
         "--global-extra-fractions",
         default="",

@@ -127,6 +127,16 @@ def config_for_width(config: Any, hidden_size: int, norm_eps: float | None = Non
     return out
 
 
+def config_for_shape(config: Any, num_heads: int, intermediate_size: int) -> Any:
+    """A copy of ``config`` with ``num_heads`` query heads (head_dim kept, written explicitly)
+    and MLP width ``intermediate_size``: what structured pruning leaves."""
+    out = copy.deepcopy(config)
+    out.head_dim = config_head_dim(config)
+    out.num_attention_heads = int(num_heads)
+    out.intermediate_size = int(intermediate_size)
+    return out
+
+
 def untie_config_(config: Any) -> Any:
     """Record in ``config`` that the LM head has its own weight (transformers 5 ties the head to
     the embeddings at load time when ``tie_word_embeddings`` is set); returns ``config``."""
@@ -235,6 +245,12 @@ class LayerAdapter:
             "down": self.down_proj,
         }
 
+    def set_group_size_(self, query_heads_per_kv: int) -> None:
+        """Tell the attention module how many query heads now read each KV head (transformers
+        repeats K/V by this attribute, not by the weights' shapes)."""
+        if hasattr(self.attention, "num_key_value_groups"):
+            setattr(self.attention, "num_key_value_groups", int(query_heads_per_kv))  # noqa: B010
+
     def norms(self) -> dict[str, nn.Module]:
         out = {"attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm}
         if self.q_norm is not None:
@@ -337,6 +353,16 @@ class ModelAdapter:
         """Record a new residual width in the model's config once its weights were cut to it:
         ``hidden_size``, head_dim (unchanged, written explicitly) and the RMSNorm epsilon."""
         _write_width(self.config, hidden_size, self.geometry.head_dim, norm_eps)
+
+    def set_shape_(self, num_heads: int, intermediate_size: int) -> None:
+        """Record pruned query heads and MLP neurons (every block the same) in the config, and
+        tell each attention module its new number of query heads per KV head."""
+        n_kv = self.geometry.num_kv_heads
+        c = config_for_shape(self.config, num_heads, intermediate_size)
+        for key in ("head_dim", "num_attention_heads", "intermediate_size"):
+            setattr(self.config, key, getattr(c, key))
+        for layer in self.layers:
+            layer.set_group_size_(int(num_heads) // n_kv)
 
     def mark_untied_(self) -> None:
         """Make the config and the model's record of tied keys agree with a separate LM head:

@@ -9,6 +9,7 @@ from gradfree.baselines.slicegpt import (
     calibration_windows,
     param_count,
     slicegpt_,
+    slicegpt_fraction_for_params,
     slicegpt_param_formula,
     slicegpt_width,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "calibration_windows",
     "param_count",
     "slicegpt_",
+    "slicegpt_fraction_for_params",
     "slicegpt_param_formula",
     "slicegpt_width",
 ]

@@ -365,3 +365,21 @@ def slicegpt_param_formula(model: nn.Module, widths: Sequence[tuple[int, int, in
         total += k_in + k_mid + qk_norms  # the two residual norms (unit weights, still stored)
         total += k_in * k_mid + k_mid * k_out  # the shortcut matrices
     return total
+
+
+def slicegpt_fraction_for_params(
+    model: nn.Module, target: int, *, slice_head: bool = False, round_to: int = ROUND_TO
+) -> float:
+    """The slicing fraction at which SliceGPT keeps the most parameters without exceeding
+    ``target`` (by :func:`slicegpt_param_formula`, shortcuts included): the equal-parameter
+    comparison point. Refused when even the narrowest width is above ``target``."""
+    a = get_adapter(model)
+    d, n = a.hidden_size, a.num_layers
+    below = range((d - 1) - (d - 1) % round_to, 0, -round_to)  # the multiples under d
+    for k in [d, *below]:
+        f = 0.0 if k == d else 1.0 - (k + 0.5) / d  # int((1 - f)·d) = k
+        k_last = k if slice_head else d
+        widths = [(k, k, k)] * (n - 1) + [(k, k, k_last)]
+        if slicegpt_width(d, f, round_to) == k and slicegpt_param_formula(model, widths) <= target:
+            return f
+    raise GradfreeError(f"SliceGPT cannot reach {target} parameters on this model at any width.")

@@ -37,7 +37,8 @@ from gradfree.surgery.config import SurgeryConfig
 from gradfree.surgery.fold import fuse_norms_, untie_
 from gradfree.surgery.ledger import rotation_entry
 from gradfree.surgery.maths import check_orthogonal, random_orthogonal
-from gradfree.surgery.reconstruct import REL_LAMBDA, dense_reference, reconstruct_
+from gradfree.surgery.prune import check_shape, mlp_keep_for_params
+from gradfree.surgery.reconstruct import REL_LAMBDA, PrunePlan, dense_reference, reconstruct_
 from gradfree.surgery.report import write_report
 from gradfree.surgery.rotate import rotate_residual_
 from gradfree.surgery.slicing import nearest_allowed_width, slice_
@@ -109,6 +110,11 @@ def _ppl(model: Any, tok: Any, docs: list[Any], cfg: SurgeryConfig) -> dict[str,
     return dict(r["perplexity"])
 
 
+def _ppl_key(cfg: SurgeryConfig) -> str:
+    """Where the record keeps the output's held-out perplexity."""
+    return "pruned_perplexity" if cfg.command == "prune" else "sliced_perplexity"
+
+
 def _params(model: Any) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -141,7 +147,7 @@ class _Inputs:
         self.check = load_corpus(cfg.check_corpus, split=cfg.check_split)
         self.eval = None
         eval_name = cfg.eval_corpus or cfg.corpus or cfg.check_corpus
-        if cfg.command == "slice":
+        if cfg.command in ("slice", "prune"):
             self.eval = load_corpus(eval_name, split=cfg.eval_split, limit=cfg.eval_limit)
         self.manifests: dict[str, Any] = {"check": corpus_manifest(self.check, cfg.check_corpus)}
         if self.calib is not None:
@@ -217,23 +223,13 @@ def _slice(
         kept = B.kept_energy(glob, q, k)
         log(f"slicing {a.hidden_size} -> {k} (keeps {kept:.4f} of the calibration energy)")
         ref = dense_reference(model, q) if cfg.reconstruct else None
+        plan = prune_plan(cfg, model) if cfg.reconstruct else None
         info = slice_(model, k, q)
         if ref is not None:
             assert inp.calib is not None  # the config requires --corpus with --reconstruct
             log(f"reconstructing the {k}-wide model against the dense one")
-            rec = reconstruct_(
-                model,
-                ref,
-                loaded.tokenizer,
-                inp.calib,
-                rel_lam=REL_LAMBDA if cfg.reconstruct_lambda is None else cfg.reconstruct_lambda,
-                max_length=cfg.max_length,
-                progress=log,
-            )
+            reconstruction = _reconstruct(cfg, model, ref, loaded.tokenizer, inp.calib, plan, log)
             del ref
-            keys = ("rel_lambda", "head", "windows", "tokens", "seconds")
-            reconstruction = {k2: rec[k2] for k2 in keys}
-            reconstruction["fitted_sites"] = len(rec["fits"])
         ledger.append(rotation_entry(q, f"Q_stage{s}" if len(widths) > 1 else "Q"))
         ledger.append(rotation_entry(q[:, :k], f"kept_stage{s}" if len(widths) > 1 else "kept"))
         stages.append(
@@ -265,6 +261,69 @@ def _slice(
     return result, ledger
 
 
+def prune_plan(cfg: SurgeryConfig, model: Any) -> PrunePlan:
+    """The neurons and heads ``cfg`` asks to keep, for ``model`` as it is before pruning."""
+    a = get_adapter(model)
+    mlp_keep = None
+    if cfg.mlp_fraction is not None:
+        mlp_keep = max(1, round((1.0 - cfg.mlp_fraction) * a.intermediate_size))
+    elif cfg.params_fraction is not None:
+        target = int((1.0 - cfg.params_fraction) * _params(model))
+        mlp_keep = mlp_keep_for_params(model, target, cfg.heads_keep)
+    return PrunePlan(mlp_keep=mlp_keep, heads_keep=cfg.heads_keep, steps=cfg.prune_steps)
+
+
+def _reconstruct(
+    cfg: SurgeryConfig,
+    model: Any,
+    ref: Any,
+    tok: Any,
+    calib: list[Any],
+    plan: PrunePlan | None,
+    log: Log,
+) -> dict[str, Any]:
+    """Run :func:`reconstruct_` as ``cfg`` says; return what the record keeps of its ledger."""
+    rec = reconstruct_(
+        model,
+        ref,
+        tok,
+        calib,
+        rel_lam=REL_LAMBDA if cfg.reconstruct_lambda is None else cfg.reconstruct_lambda,
+        head=not get_adapter(model).tied,
+        max_length=cfg.max_length,
+        progress=log,
+        prune=plan,
+    )
+    keys = ("rel_lambda", "head", "windows", "tokens", "seconds", "prune")
+    out = {k: rec[k] for k in keys}
+    out["fitted_sites"] = len(rec["fits"])
+    pruned = [r["pruned"] for r in rec["fits"] if "pruned" in r]
+    if pruned:
+        out["pruned_sites"] = len(pruned)
+        out["predicted_error"] = sum(float(p["predicted_error"]) for p in pruned)
+    return out
+
+
+def _prune(cfg: SurgeryConfig, inp: _Inputs, loaded: Any, log: Log) -> dict[str, Any]:
+    """Structured pruning of the untouched model against a copy of itself."""
+    import copy
+
+    model = loaded.model
+    a = get_adapter(model)
+    before = {"num_attention_heads": a.geometry.num_heads, "intermediate_size": a.intermediate_size}
+    plan = prune_plan(cfg, model)
+    check_shape(model, plan.mlp_keep, plan.heads_keep)
+    ref = copy.deepcopy(model)
+    assert inp.calib is not None  # the config requires --corpus
+    log(
+        f"pruning to {plan.mlp_keep or before['intermediate_size']} MLP neurons and "
+        f"{plan.heads_keep or a.geometry.group_size} query heads per KV group"
+    )
+    rec = _reconstruct(cfg, model, ref, loaded.tokenizer, inp.calib, plan, log)
+    del ref
+    return {"before": before, "after": rec["prune"], "reconstruction": rec}
+
+
 def _reload(folder: Path, cfg: SurgeryConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -283,28 +342,19 @@ def _reload(folder: Path, cfg: SurgeryConfig) -> Any:
     return m
 
 
-def run_surgery(
-    cfg: SurgeryConfig, *, overwrite: bool = False, log: Log = _quiet
-) -> dict[str, Any]:
-    """Run ``cfg`` (rotate or slice) and write its output folder; return the recorded result."""
-    from gradfree.models import load_model
+def _rotate_or_slice(
+    cfg: SurgeryConfig,
+    inp: _Inputs,
+    loaded: Any,
+    ids: torch.Tensor,
+    result: dict[str, Any],
+    watch: Stopwatch,
+    log: Log,
+) -> list[dict[str, Any]]:
+    """Fuse, untie, find the basis and rotate or slice; fills ``result``, returns the ledger."""
     from gradfree.surgery.transitions import transition_study
 
-    out = check_new_output(cfg.out, overwrite)
-    watch = Stopwatch()
-    inp = _Inputs(cfg)
-    with watch.stage("load"):
-        loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    model, tok, fingerprint = loaded.model, loaded.tokenizer, dict(loaded.fingerprint)
-    d = get_adapter(model).hidden_size
-    params_before = _params(model)
-    ids = check_windows(tok, inp.check, cfg.check_windows, cfg.check_tokens)
-    with watch.stage("reference logits"):
-        ref = _logits(model, ids)
-    result: dict[str, Any] = {"command": cfg.command}
-    if inp.eval is not None:
-        with watch.stage("dense perplexity"):
-            result["dense_perplexity"] = _ppl(model, tok, inp.eval, cfg)
+    model = loaded.model
     scales = B.reader_scales(model)  # before fusion: what a capture of the original saw
     with watch.stage("fuse + untie"):
         fused = fuse_norms_(model)
@@ -327,6 +377,36 @@ def run_surgery(
         "untied": untied,
         "max_norm_weight_deviation": fused["max_weight_deviation"],
     }
+    return ledger
+
+
+def run_surgery(
+    cfg: SurgeryConfig, *, overwrite: bool = False, log: Log = _quiet
+) -> dict[str, Any]:
+    """Run ``cfg`` (rotate or slice) and write its output folder; return the recorded result."""
+    from gradfree.models import load_model
+
+    out = check_new_output(cfg.out, overwrite)
+    watch = Stopwatch()
+    inp = _Inputs(cfg)
+    with watch.stage("load"):
+        loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model, tok, fingerprint = loaded.model, loaded.tokenizer, dict(loaded.fingerprint)
+    d = get_adapter(model).hidden_size
+    params_before = _params(model)
+    ids = check_windows(tok, inp.check, cfg.check_windows, cfg.check_tokens)
+    with watch.stage("reference logits"):
+        ref = _logits(model, ids)
+    result: dict[str, Any] = {"command": cfg.command}
+    if inp.eval is not None:
+        with watch.stage("dense perplexity"):
+            result["dense_perplexity"] = _ppl(model, tok, inp.eval, cfg)
+    if cfg.command == "prune":  # no fusion or basis: the checkpoint keeps its norms and tie
+        with watch.stage("prune"):
+            result["prune"] = _prune(cfg, inp, loaded, log)
+        ledger: list[dict[str, Any]] = []
+    else:
+        ledger = _rotate_or_slice(cfg, inp, loaded, ids, result, watch, log)
     with watch.stage("in-memory logits"):
         mem = _logits(model, ids)
     with atomic_dir(out, overwrite) as tmp:
@@ -342,18 +422,22 @@ def run_surgery(
             "reloaded_vs_original": rel_diff(got, ref),
             "reloaded_vs_in_memory": rel_diff(got, mem),
             "reloaded_equals_in_memory": bool(torch.equal(got, mem)),
-            "kind": "exact" if cfg.command == "rotate" or cfg.fraction == 0 else "approximation",
+            "kind": "exact"
+            if cfg.command == "rotate" or (cfg.fraction == 0 and not cfg.reconstruct)
+            else "approximation",
         }
         if inp.eval is not None:
-            with watch.stage("sliced perplexity"):
-                result["sliced_perplexity"] = _ppl(back, tok, inp.eval, cfg)
-            dense, sl = result["dense_perplexity"]["ppl"], result["sliced_perplexity"]["ppl"]
+            with watch.stage("compressed perplexity"):
+                result[_ppl_key(cfg)] = _ppl(back, tok, inp.eval, cfg)
+            dense, sl = result["dense_perplexity"]["ppl"], result[_ppl_key(cfg)]["ppl"]
             result["relative_perplexity_change"] = sl / dense - 1.0
         result["params"] = {
             "before": params_before,
             "after": _params(back),
             "hidden_before": d,
             "hidden_after": get_adapter(back).hidden_size,
+            "num_attention_heads_after": get_adapter(back).geometry.num_heads,
+            "intermediate_size_after": get_adapter(back).intermediate_size,
         }
         del back
         record = {

@@ -56,9 +56,17 @@ from torch import nn
 
 from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
 from gradfree.base.errors import GradfreeError
+from gradfree.solvers.obs import group_columns, obs_select
 from gradfree.solvers.ridge import iter_ridge_chunks, resolve_lambda, ridge_from_stats
 from gradfree.surgery.blocks import block_inputs
 from gradfree.surgery.edit import assign_, f64, maybe_param, norm_eps, param
+from gradfree.surgery.prune import (
+    check_shape,
+    finish_shape_,
+    kv_pools,
+    prune_heads_,
+    prune_neurons_,
+)
 from gradfree.texts.windows import iter_windows
 
 REL_LAMBDA = 1e-2  # ridge λ relative to tr(C_ss)/k, as the damping of SparseGPT/SliceGPT
@@ -150,6 +158,56 @@ def ls_fit_rows(
     ):
         out[start:stop] = w.to(device=out.device, dtype=out.dtype)
     return out
+
+
+def restrict(m: PairMoments, cols: torch.Tensor) -> PairMoments:
+    """The moments of the sliced inputs ``cols`` only (the others removed)."""
+    c = cols.to(m.gram_s.device)
+    return PairMoments(m.gram_s[c][:, c], m.cross_ds[:, c], m.sum_s[c], m.sum_d, m.count)
+
+
+def select_columns(
+    m: PairMoments,
+    target_w: torch.Tensor,
+    prior_w: torch.Tensor,
+    rel_lam: float,
+    keep: int,
+    *,
+    group_size: int = 1,
+    pools: Sequence[Sequence[int]] | None = None,
+    steps: int = 64,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Which input columns of a bias-free writer to keep (``keep`` groups per pool) so that its
+    least-squares refit toward ``target_w`` loses least: structured OBS
+    (:func:`gradfree.solvers.obs.obs_select`) on the ridge optimum and its damped Hessian.
+    Returns the kept column indices and what the selection predicted."""
+    w_full, _ = ls_fit(m, target_w, prior_w, rel_lam)
+    lam = ridge_lambda(m, rel_lam)
+    h = f64(m.gram_s) + lam * torch.eye(
+        m.gram_s.shape[0], dtype=torch.float64, device=w_full.device
+    )
+    sel = obs_select(w_full, h, keep, group_size=group_size, pools=pools, steps=steps)
+    info = {
+        "kept": len(sel.kept),
+        "removed": len(sel.removed),
+        "predicted_error": sel.predicted_error,
+        "rounds": len(sel.step_errors),
+    }
+    return group_columns(sel.kept, group_size), info
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Structured pruning done during the reconstruction: MLP neurons kept per block and query
+    heads kept per KV group (None: all), and OBS rounds per selection."""
+
+    mlp_keep: int | None = None
+    heads_keep: int | None = None
+    steps: int = 64
+
+    @property
+    def active(self) -> bool:
+        return self.mlp_keep is not None or self.heads_keep is not None
 
 
 # --- plumbing: block-wise paired recapture and in-place fits ------------------------------------
@@ -285,6 +343,48 @@ def _fit_site_(
     return [f"layers.{j}.down_proj"]
 
 
+def _prune_site_(
+    s: ModelAdapter,
+    d: ModelAdapter,
+    site: str,
+    j: int,
+    m: PairMoments,
+    rel_lam: float,
+    plan: PrunePlan,
+) -> tuple[PairMoments, dict[str, Any]] | None:
+    """Before the writer of ``site`` is fitted: remove the heads (attn_heads) or neurons
+    (mlp_hidden) of block ``j`` that ``plan`` asks for, chosen by structured OBS on the writer's
+    refit; return the moments of what is kept and what was done (None: nothing to prune)."""
+    layer, ref = s.layer(j), d.layer(j)
+    k = s.hidden_size
+    if site == "attn_heads" and plan.heads_keep is not None:
+        g = s.geometry
+        lin, target = layer.attn_output(), f64(param(ref.attn_output()))[:k]
+        if plan.heads_keep == g.group_size:
+            return None
+        cols, info = select_columns(
+            m,
+            target,
+            param(lin),
+            rel_lam,
+            plan.heads_keep,
+            group_size=g.head_dim,
+            pools=kv_pools(g.num_heads, g.num_kv_heads),
+            steps=plan.steps,
+        )
+        kept_heads = sorted({int(c) // g.head_dim for c in cols})
+        prune_heads_(layer, kept_heads, g.head_dim, g.num_kv_heads)
+        return restrict(m, cols), {**info, "unit": "query heads", "kept_ids": kept_heads}
+    if site == "mlp_hidden" and plan.mlp_keep is not None:
+        lin, target = layer.mlp_output(), f64(param(ref.mlp_output()))[:k]
+        if plan.mlp_keep == int(param(lin).shape[1]):
+            return None
+        cols, info = select_columns(m, target, param(lin), rel_lam, plan.mlp_keep, steps=plan.steps)
+        prune_neurons_(layer, cols)
+        return restrict(m, cols), {**info, "unit": "MLP neurons"}
+    return None
+
+
 class _Stop(Exception):
     """Raised by a site hook once the one activation wanted from a block is in hand."""
 
@@ -375,6 +475,7 @@ def _fit_block_(
     xd: list[torch.Tensor],
     kws: Sequence[dict[str, Any]],
     rel_lam: float,
+    plan: PrunePlan,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict[str, Any]]]:
     """Re-fit block ``j`` of the sliced model site by site; return both models' outputs of the
     block (the next block's inputs) and one ledger row per fit."""
@@ -397,15 +498,19 @@ def _fit_block_(
             _, got = _run_block(ls, x, kw, (site,), stop=True)
             acc.add(got[site], dense_got.pop(site))
         m = acc.result(f"blocks.{j}.{site}")
+        pruned = _prune_site_(s, d, site, j, m, rel_lam, plan)
+        if pruned is not None:
+            m = pruned[0]
         fitted = _fit_site_(s, d, site, j, m, rel_lam)
-        rows.append(
-            {
-                "site": f"blocks.{j}.{site}",
-                "fitted": fitted,
-                "tokens": m.count,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
+        row = {
+            "site": f"blocks.{j}.{site}",
+            "fitted": fitted,
+            "tokens": m.count,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if pruned is not None:
+            row["pruned"] = pruned[1]
+        rows.append(row)
     ys = []
     for x, kw in zip(xs, kws, strict=True):
         y, _ = _run_block(ls, x, kw, (), stop=False)
@@ -425,9 +530,15 @@ def reconstruct_(
     head: bool = True,
     max_length: int = 512,
     progress: bool | Log = False,
+    prune: PrunePlan | None = None,
 ) -> dict[str, Any]:
     """Re-fit every linear of ``sliced`` in place so that it reproduces ``dense`` (see the module
     docstring); returns a ledger with one row per fitted site.
+
+    With ``prune`` the blocks also lose MLP neurons and query heads (the same numbers in every
+    block, the same per KV group), each chosen just before its writer is fitted, from the
+    moments of that writer's recaptured inputs (:func:`select_columns`); the config records the
+    new widths at the end.
 
     ``dense`` is the unsliced model in the slicing basis (``fuse_norms_``, ``untie_``,
     ``rotate_residual_(dense, Q)``); it is only read. ``documents`` are the calibration texts
@@ -441,6 +552,14 @@ def reconstruct_(
         raise GradfreeError(f"The ridge lambda must be a number >= 0, not {rel_lam}.")
     s, d = get_adapter(sliced), get_adapter(dense)
     _check_pair(s, d)
+    plan = prune or PrunePlan()
+    if plan.active:
+        check_shape(sliced, plan.mlp_keep, plan.heads_keep)
+    if head and s.tied:
+        raise GradfreeError(
+            "The head is tied to the embeddings: untie it before re-fitting it, or keep it "
+            "(head=False)."
+        )
     log: Log = _stderr if progress is True else (progress or _quiet)  # type: ignore[assignment]
     t_all = time.perf_counter()
     windows = [
@@ -454,7 +573,7 @@ def reconstruct_(
     rows: list[dict[str, Any]] = []
     for j in range(s.num_layers):
         t0 = time.perf_counter()
-        xs, xd, block_rows = _fit_block_(s, d, j, xs, xd, kwargs[j], rel_lam)
+        xs, xd, block_rows = _fit_block_(s, d, j, xs, xd, kwargs[j], rel_lam, plan)
         rows += block_rows
         log(
             f"reconstruct block {j + 1}/{s.num_layers} "
@@ -476,9 +595,11 @@ def reconstruct_(
             }
         )
         log(f"reconstruct head ({m.count} tokens, {rows[-1]['seconds']:.1f} s)")
+    shape = finish_shape_(sliced) if plan.active else None
     return {
         "op": "reconstruct",
         "rel_lambda": float(rel_lam),
+        "prune": None if shape is None else {**shape, "steps": plan.steps},
         "head": bool(head),
         "width": s.hidden_size,
         "dense_width": d.hidden_size,

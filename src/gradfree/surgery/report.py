@@ -1,4 +1,4 @@
-"""report.md of a ``gradfree rotate`` / ``gradfree slice`` output: what was done, the proof
+"""report.md of a ``gradfree rotate`` / ``slice`` / ``prune`` output: what was done, the proof
 measured on the model's own text, the ledger, timing. Numbers come from the JSON record."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ def _ppl_row(name: str, p: dict[str, Any]) -> str:
 def _summary(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     """Title, the basis and the norm fusion."""
     lines = [f"# gradfree {cfg['command']}: {cfg['model']}", ""]
+    if "basis" not in res:  # prune: no basis, no fusion
+        lines.append("No rotation or norm fusion: the checkpoint keeps its norms and its tie.")
+        return lines
     b = res["basis"]
     if b["kind"] == "pca":
         lines.append(
@@ -59,7 +62,7 @@ def _check(cfg: dict[str, Any], chk: dict[str, Any]) -> list[str]:
         + (
             "the function is preserved up to float rounding."
             if kind == "exact"
-            else "slicing drops residual dimensions, so the logits change."
+            else "removing dimensions, neurons or heads changes the logits."
         ),
     ]
     return lines
@@ -96,6 +99,55 @@ def _slicing(res: dict[str, Any]) -> list[str]:
         f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
     ]
     return lines
+
+
+def _reconstruction(rec: dict[str, Any] | None) -> list[str]:
+    """The least-squares re-fit (and the pruning decided inside it)."""
+    if not rec:
+        return []
+    lines = [
+        "",
+        "## Least-squares reconstruction",
+        "",
+        f"{rec['fitted_sites']} sites re-fitted block by block toward the dense model on "
+        f"{rec['tokens']} calibration tokens ({rec['windows']} windows), ridge λ "
+        f"{rec['rel_lambda']} relative to tr(C)/k, head re-fitted: {rec['head']}; "
+        f"{rec['seconds']:.1f} s.",
+    ]
+    if rec.get("prune"):
+        p = rec["prune"]
+        lines.append(
+            f"Pruned inside it ({rec.get('pruned_sites', 0)} selections, structured OBS in up to "
+            f"{p['steps']} rounds each): {p['num_attention_heads']} query heads, "
+            f"{p['intermediate_size']} MLP neurons per block; predicted added squared error "
+            f"{rec.get('predicted_error', 0.0):.4g}."
+        )
+    return lines
+
+
+def _pruning(res: dict[str, Any]) -> list[str]:
+    """Widths before and after, parameters and held-out perplexity of a prune."""
+    pr = res["prune"]
+    b, a, p = pr["before"], pr["after"], res["params"]
+    lines = [
+        "",
+        "## Pruning",
+        "",
+        f"Query heads {b['num_attention_heads']} → {a['num_attention_heads']}, MLP neurons "
+        f"{b['intermediate_size']} → {a['intermediate_size']} per block.",
+        f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
+    ]
+    if "pruned_perplexity" in res:
+        lines += [
+            "",
+            "| model | held-out perplexity | tokens |",
+            "|---|---:|---:|",
+            _ppl_row("dense", res["dense_perplexity"]),
+            _ppl_row("pruned", res["pruned_perplexity"]),
+            "",
+            f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
+        ]
+    return lines + _reconstruction(pr["reconstruction"])
 
 
 def _per_layer(pl: dict[str, Any]) -> list[str]:
@@ -138,10 +190,13 @@ def render(record: dict[str, Any], timing: str) -> str:
     cfg, res = record["config"], record["result"]
     lines = _summary(cfg, res) + _check(cfg, res["check"])
     if "slice" in res:
-        lines += _slicing(res)
+        lines += _slicing(res) + _reconstruction(res["slice"].get("reconstruction"))
+    if "prune" in res:
+        lines += _pruning(res)
     if "per_layer" in res:
         lines += _per_layer(res["per_layer"])
-    lines += _ledger(record["ledger"])
+    if record["ledger"]:
+        lines += _ledger(record["ledger"])
     lines += ["", "## Time and memory", "", timing, ""]
     return "\n".join(lines)
 
