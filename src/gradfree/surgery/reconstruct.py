@@ -23,8 +23,11 @@ the output stays a plain checkpoint of the same family.
   ``T`` the dense reader. Qwen3's q/k norms run with ``eps·d/k`` in the sliced model, which
   ``slice_`` compensates by scaling q/k by ``c = sqrt(d/k)``; the target is scaled alike
   (``c² = eps_sliced / eps_dense`` of the per-head norm).
-* writers: o reads ``attn_heads``, down reads ``mlp_hidden`` (same width in both models);
-  ``T`` the kept rows ``:k`` of the dense writer.
+* writers: o reads ``attn_heads``, down reads ``mlp_hidden`` (same width in both models, unless
+  pruned); ``T`` the kept rows ``:k`` of the dense writer. Only ``T C_ds = Σ (T x_d) x_sᵀ``
+  enters the fit, so the block-wise path pairs the sliced input with the dense writer's own
+  output rows ``:k`` (an out × n moment instead of n × n, and ``T`` = I): the same solve, far
+  cheaper for the MLP's wide hidden layer.
 * the head (``head=True``) reads ``final.normed``; ``T`` the dense head, solved in row chunks.
 
 Block-wise, linear in the depth: both models' residual streams entering the current block are
@@ -34,8 +37,8 @@ block is run up to q/k/v's input, fitted, up to o's input, fitted, then gate/up,
 every linear is fitted to exactly the inputs it will see on the calibration tokens; both caches
 then advance through block ``j`` (the sliced one through its fitted weights). Windows are run
 one at a time (no padding), with the attention mask and RoPE tables the dense model gave its
-blocks. Memory: the two streams (tokens x (k + d)) plus the dense block's sites (tokens x
-(2d + heads·head_dim + intermediate)) and the float64 moments of one site.
+blocks. Memory: the two streams (tokens x (k + d)) plus the dense block's targets (tokens x 4d:
+two reader inputs, two writer outputs) and the float64 moments of one site.
 
 At full width (``k = d``) the sliced model is the dense one and the fit returns the prior (exact
 up to rounding); on a model whose residual lives in ``k`` dimensions the fit is exact from any
@@ -214,6 +217,10 @@ class PrunePlan:
 
 Log = Callable[[str], None]
 SITES = ("attn_in", "attn_heads", "mlp_in", "mlp_hidden")  # in the order they are fitted
+# what the dense block gives each site: the readers' input, the writers' output (projected)
+DENSE_SITE = {"attn_in": "attn_in", "attn_heads": "attn_out", "mlp_in": "mlp_in"}
+DENSE_SITE["mlp_hidden"] = "mlp_out"
+WRITERS = ("attn_heads", "mlp_hidden")
 
 
 def _quiet(_msg: str) -> None:
@@ -314,11 +321,31 @@ def _fit_(
         assign_(lin, "bias", b)
 
 
+def _fit_output_(lin: nn.Linear, m: PairMoments, rel_lam: float) -> None:
+    """Re-fit the writer ``lin`` from moments whose dense side is already its target output
+    (the dense writer's output rows ``:k``, bias included)."""
+    eye = torch.eye(m.sum_d.shape[0], dtype=torch.float64)
+    b0 = maybe_param(lin, "bias")
+    w, b = ls_fit(m, eye, param(lin), rel_lam, None, None if b0 is None else f64(b0))
+    assign_(lin, "weight", w)
+    if b is not None:
+        assign_(lin, "bias", b)
+
+
 def _fit_site_(
-    s: ModelAdapter, d: ModelAdapter, site: str, j: int | None, m: PairMoments, rel_lam: float
+    s: ModelAdapter,
+    d: ModelAdapter,
+    site: str,
+    j: int | None,
+    m: PairMoments,
+    rel_lam: float,
+    projected: bool = False,
 ) -> list[str]:
     """Fit the linears that read ``site`` of block ``j`` (the head with ``j`` None); return
-    their names."""
+    their names. With ``projected``, a writer's moments pair its sliced input with the dense
+    writer's output (``Σ y x_sᵀ``, out × n) instead of the dense input (``Σ x_d x_sᵀ``, n × n):
+    the same fit, since only ``T C_ds`` enters it, for a fraction of the work when the
+    writer's input is wide (the MLP's hidden layer)."""
     k = s.hidden_size
     if j is None:
         if maybe_param(s.lm_head, "bias") is not None:  # no supported family has one
@@ -336,11 +363,16 @@ def _fit_site_(
         for lin, ref in zip(ls.mlp_inputs(), ld.mlp_inputs(), strict=True):
             _fit_(lin, ref, m, rel_lam)
         return [f"layers.{j}.{n}" for n in ("gate_proj", "up_proj")]
-    if site == "attn_heads":
-        _fit_(ls.attn_output(), ld.attn_output(), m, rel_lam, rows=k)
-        return [f"layers.{j}.o_proj"]
-    _fit_(ls.mlp_output(), ld.mlp_output(), m, rel_lam, rows=k)
-    return [f"layers.{j}.down_proj"]
+    lin, ref = (
+        (ls.attn_output(), ld.attn_output())
+        if site == "attn_heads"
+        else (ls.mlp_output(), ld.mlp_output())
+    )
+    if projected:
+        _fit_output_(lin, m, rel_lam)
+    else:
+        _fit_(lin, ref, m, rel_lam, rows=k)
+    return [f"layers.{j}.{'o_proj' if site == 'attn_heads' else 'down_proj'}"]
 
 
 def _prune_site_(
@@ -354,12 +386,14 @@ def _prune_site_(
 ) -> tuple[PairMoments, dict[str, Any]] | None:
     """Before the writer of ``site`` is fitted: remove the heads (attn_heads) or neurons
     (mlp_hidden) of block ``j`` that ``plan`` asks for, chosen by structured OBS on the writer's
-    refit; return the moments of what is kept and what was done (None: nothing to prune)."""
-    layer, ref = s.layer(j), d.layer(j)
+    refit; return the moments of what is kept and what was done (None: nothing to prune).
+    ``m`` pairs the writer's sliced input with the dense writer's output (``projected``)."""
+    layer = s.layer(j)
     k = s.hidden_size
+    eye = torch.eye(k, dtype=torch.float64)  # the moments pair inputs with target outputs
     if site == "attn_heads" and plan.heads_keep is not None:
         g = s.geometry
-        lin, target = layer.attn_output(), f64(param(ref.attn_output()))[:k]
+        lin, target = layer.attn_output(), eye
         if plan.heads_keep == g.group_size:
             return None
         cols, info = select_columns(
@@ -376,7 +410,7 @@ def _prune_site_(
         prune_heads_(layer, kept_heads, g.head_dim, g.num_kv_heads)
         return restrict(m, cols), {**info, "unit": "query heads", "kept_ids": kept_heads}
     if site == "mlp_hidden" and plan.mlp_keep is not None:
-        lin, target = layer.mlp_output(), f64(param(ref.mlp_output()))[:k]
+        lin, target = layer.mlp_output(), eye
         if plan.mlp_keep == int(param(lin).shape[1]):
             return None
         cols, info = select_columns(m, target, param(lin), rel_lam, plan.mlp_keep, steps=plan.steps)
@@ -414,8 +448,10 @@ def _site_hooks(
     modules = {
         "attn_in": (layer.attn_norm, False),
         "attn_heads": (layer.attn_output(), True),
+        "attn_out": (layer.attn_output(), False),
         "mlp_in": (layer.mlp_norm, False),
         "mlp_hidden": (layer.mlp_output(), True),
+        "mlp_out": (layer.mlp_output(), False),
     }
     handles = []
     for name in sites:
@@ -480,12 +516,13 @@ def _fit_block_(
     """Re-fit block ``j`` of the sliced model site by site; return both models' outputs of the
     block (the next block's inputs) and one ledger row per fit."""
     ls, ld = s.layer(j), d.layer(j)
-    # the dense model is only read: one full run of its block gives every target site and its
-    # output (kept for this block only; mlp_hidden is the widest, tokens x intermediate)
+    k = s.hidden_size
+    # the dense model is only read: one full run of its block gives every target (the readers'
+    # inputs, the writers' outputs) and the block's output, kept for this block only
     dense_sites: list[dict[str, torch.Tensor]] = []
     yd: list[torch.Tensor] = []
     for x, kw in zip(xd, kws, strict=True):
-        y, got = _run_block(ld, x, kw, SITES, stop=False)
+        y, got = _run_block(ld, x, kw, tuple(DENSE_SITE.values()), stop=False)
         assert y is not None
         dense_sites.append(got)
         yd.append(y)
@@ -496,12 +533,13 @@ def _fit_block_(
         for x, kw, dense_got in zip(xs, kws, dense_sites, strict=True):
             # the sliced block runs up to this site, through the fits already made
             _, got = _run_block(ls, x, kw, (site,), stop=True)
-            acc.add(got[site], dense_got.pop(site))
+            target = dense_got.pop(DENSE_SITE[site])
+            acc.add(got[site], target[..., :k] if site in WRITERS else target)
         m = acc.result(f"blocks.{j}.{site}")
         pruned = _prune_site_(s, d, site, j, m, rel_lam, plan)
         if pruned is not None:
             m = pruned[0]
-        fitted = _fit_site_(s, d, site, j, m, rel_lam)
+        fitted = _fit_site_(s, d, site, j, m, rel_lam, projected=True)
         row = {
             "site": f"blocks.{j}.{site}",
             "fitted": fitted,
