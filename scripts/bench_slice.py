@@ -128,9 +128,13 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows += _rows_for(base, dense, time.perf_counter() - t0)
         for t, v in dense.items():
             print(f"{name} dense {t}: ppl {v[0]:.3f} ({v[1]} tokens)", flush=True)
-        dense_copy = copy.deepcopy(model)  # SliceGPT starts from the untouched model each time
-        fuse_norms_(model)
-        untie_(model)
+        # SliceGPT and pruning start from the untouched model; the global basis from a fused,
+        # untied copy (made only when asked for: two copies of a 1.5B fit in 24 GiB, three not)
+        fused = any(m in methods for m in ("global", "global-ls", "slice-prune-ls"))
+        dense_copy = copy.deepcopy(model) if fused else model
+        if fused:
+            fuse_norms_(model)
+            untie_(model)
         for calib in calibs:
             cdocs = take_tokens(
                 tok, load_corpus(TEXTS[calib], split="calibration"), args.calib_tokens
@@ -250,7 +254,10 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                         f = fs
                     t1 = time.perf_counter()
                     res = {t: ppl(sliced, tok, docs, args.max_length) for t, docs in evals.items()}
-                base = {"model": name, "method": METHOD_NAMES[method], "fraction": f}
+                label = METHOD_NAMES[method]
+                if label == "slicegpt" and args.slicegpt_slice_head:
+                    label = "slicegpt-head-sliced"  # its own curve: a different configuration
+                base = {"model": name, "method": label, "fraction": f}
                 base |= {"width": width, "params": param_count(sliced), "calibration": calib}
                 base |= {"calib_tokens": ntok, "seconds": secs}
                 # peak RSS while this row was made (slice/fit + evaluation), sampled
@@ -264,7 +271,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if args.out_side_by_side:  # after every row: a job cut short keeps its rows
                     write_side_by_side(args.out_side_by_side, rows, args)
                 print(
-                    f"{name} {METHOD_NAMES[method]} calib={calib} f={f} k={width} "
+                    f"{name} {label} calib={calib} f={f} k={width} "
                     f"params={base['params']} slice {secs:.0f}s "
                     f"peak RSS {base['peak_rss_gib']:.2f} GiB "
                     f"eval {time.perf_counter() - t1:.0f}s "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_slice import take_tokens  # the same token budgets as the side-by-side rows
 
 from gradfree.adapters import get_adapter
 from gradfree.base.plots import pyplot
@@ -41,16 +42,6 @@ from gradfree.surgery.reconstruct import PrunePlan, dense_reference, reconstruct
 from gradfree.texts.corpora import load_corpus, load_questions
 
 TEXTS = {"tourguide": "tourguide", "news": "news"}
-
-
-def take_tokens(tok: Any, docs: list[Any], n: int) -> list[Any]:
-    out, total = [], 0
-    for d in docs:
-        out.append(d)
-        total += len(tok(d.text)["input_ids"])
-        if total >= n:
-            break
-    return out
 
 
 def measure(

@@ -23,6 +23,7 @@ from gradfree.base.plots import pyplot
 TEXTS = ("news", "tourguide")
 STYLE = {
     "slicegpt": "s-",
+    "slicegpt-head-sliced": "s--",
     "gradfree-global": "o:",
     "gradfree-global-ls": "o--",
     "gradfree-prune-ls": "^-",

@@ -18,6 +18,8 @@ from gradfree.base.errors import GradfreeError
 from gradfree.solvers.obs import group_columns, obs_select
 from gradfree.surgery.prune import check_shape, kv_pools, prune_neurons_
 from gradfree.surgery.reconstruct import PrunePlan, reconstruct_
+from gradfree.testing.checks import equal_windows, rel_err
+from gradfree.testing.checks import logits64 as logits
 from gradfree.testing.tiny import HARBOUR_DOCS, save_tiny, tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -32,18 +34,7 @@ HELD_OUT = [
 
 
 def ids(texts: list[str]) -> torch.Tensor:
-    rows = [TOK(t)["input_ids"][:64] for t in texts]
-    n = min(len(r) for r in rows)
-    return torch.tensor([r[:n] for r in rows])
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).logits.double()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
+    return equal_windows(TOK, texts)
 
 
 def ls_error(x: torch.Tensor, y: torch.Tensor, cols: list[int]) -> float:

@@ -24,6 +24,8 @@ from gradfree.surgery.reconstruct import (
     ls_fit,
     reconstruct_,
 )
+from gradfree.testing.checks import equal_windows, rel_err
+from gradfree.testing.checks import logits64 as logits
 from gradfree.testing.tiny import HARBOUR_DOCS, save_tiny, tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -57,18 +59,7 @@ HELD_OUT = [
 
 
 def ids(texts: list[str]) -> torch.Tensor:
-    rows = [TOK(t)["input_ids"][:64] for t in texts]
-    n = min(len(r) for r in rows)
-    return torch.tensor([r[:n] for r in rows])
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).logits.double()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
+    return equal_windows(TOK, texts)
 
 
 def fused(case: str, dtype: torch.dtype = torch.float64, **kw: object) -> torch.nn.Module:

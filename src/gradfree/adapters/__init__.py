@@ -15,6 +15,7 @@ from gradfree.adapters.base import (
     config_head_dim,
     set_saved_dtype_,
     untie_config_,
+    validate_config,
 )
 from gradfree.base.errors import GradfreeError
 
@@ -90,4 +91,5 @@ __all__ = [
     "spec_for",
     "supported",
     "untie_config_",
+    "validate_config",
 ]

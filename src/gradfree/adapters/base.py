@@ -137,6 +137,21 @@ def config_for_shape(config: Any, num_heads: int, intermediate_size: int) -> Any
     return out
 
 
+def validate_config(trial: Any, what: str) -> None:
+    """Refuse, in one sentence, a config (``trial``: as it would be after an edit) that
+    transformers would not save or load; ``what`` names the edit's widths."""
+    from gradfree.base.errors import GradfreeError
+
+    validate = getattr(trial, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as e:  # transformers wraps its ValueError in a hub validation error
+        cause = e.__cause__ or e
+        raise GradfreeError(f"transformers refuses {what} for this model: {cause}") from e
+
+
 def untie_config_(config: Any) -> Any:
     """Record in ``config`` that the LM head has its own weight (transformers 5 ties the head to
     the embeddings at load time when ``tie_word_embeddings`` is set); returns ``config``."""

@@ -15,7 +15,9 @@ grouped, and Pearson correlation from a cross-covariance), ``layermap`` (linear 
 covariances, monotone layer maps by dynamic programming), ``merge_alpha`` (closed-form merge
 weights), ``householder`` (reflections as a closed-form refinement), ``information`` (Gaussian
 mutual information from canonical correlations, causal attention distributions and their KL),
-``rope_pairs`` (per-frequency-pair SO(2) rotations that commute with RoPE, and their Procrustes).
+``rope_pairs`` (per-frequency-pair SO(2) rotations that commute with RoPE, and their Procrustes),
+``obs`` (structured Optimal Brain Surgeon: which neurons or heads to remove so that the
+least-squares refit loses least).
 """
 
 from gradfree.solvers.assign import correlation_from_covariance, grouped_hungarian, hungarian
@@ -46,6 +48,7 @@ from gradfree.solvers.merge_alpha import (
     optimal_alpha,
     optimal_alpha_per_row,
 )
+from gradfree.solvers.obs import obs_select
 from gradfree.solvers.pca import pca_basis, variance_preserved
 from gradfree.solvers.procrustes import (
     blockwise_procrustes,
@@ -90,6 +93,7 @@ __all__ = [
     "linear_loss_from_stats",
     "mi_from_correlations",
     "monotone_layer_map",
+    "obs_select",
     "optimal_alpha",
     "optimal_alpha_per_row",
     "pair_rotation",

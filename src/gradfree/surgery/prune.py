@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfree.adapters import LayerAdapter, config_for_shape, get_adapter
+from gradfree.adapters import LayerAdapter, config_for_shape, get_adapter, validate_config
 from gradfree.base.errors import GradfreeError
 from gradfree.solvers.obs import group_columns
 from gradfree.surgery.edit import select_inputs_, select_outputs_
@@ -42,17 +42,7 @@ def check_shape(model: nn.Module, mlp_keep: int | None, heads_keep: int | None) 
         )
     heads = g.num_heads if heads_keep is None else heads_keep * g.num_kv_heads
     trial = config_for_shape(a.config, heads, inter if mlp_keep is None else mlp_keep)
-    validate = getattr(trial, "validate", None)
-    if validate is None:
-        return
-    try:
-        validate()
-    except Exception as e:  # transformers wraps its ValueError in a hub validation error
-        cause = e.__cause__ or e
-        raise GradfreeError(
-            f"transformers refuses {heads} query heads / {trial.intermediate_size} MLP neurons "
-            f"for this model: {cause}"
-        ) from e
+    validate_config(trial, f"{heads} query heads / {trial.intermediate_size} MLP neurons")
 
 
 def kv_pools(num_heads: int, num_kv_heads: int) -> list[list[int]]:

@@ -13,6 +13,19 @@ def _ppl_row(name: str, p: dict[str, Any]) -> str:
     return f"| {name} | {p['ppl']:.4f} | {p['tokens']} |"
 
 
+def _ppl_table(res: dict[str, Any], name: str) -> list[str]:
+    """Held-out perplexity of the dense and the ``name`` (sliced, pruned) model."""
+    return [
+        "",
+        "| model | held-out perplexity | tokens |",
+        "|---|---:|---:|",
+        _ppl_row("dense", res["dense_perplexity"]),
+        _ppl_row(name, res[f"{name}_perplexity"]),
+        "",
+        f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
+    ]
+
+
 def _summary(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     """Title, the basis and the norm fusion."""
     lines = [f"# gradfree {cfg['command']}: {cfg['model']}", ""]
@@ -90,13 +103,7 @@ def _slicing(res: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
-        "",
-        "| model | held-out perplexity | tokens |",
-        "|---|---:|---:|",
-        _ppl_row("dense", res["dense_perplexity"]),
-        _ppl_row("sliced", res["sliced_perplexity"]),
-        "",
-        f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
+        *_ppl_table(res, "sliced"),
     ]
     return lines
 
@@ -138,15 +145,7 @@ def _pruning(res: dict[str, Any]) -> list[str]:
         f"Parameters {p['before']:,} → {p['after']:,} ({p['after'] / p['before']:.3f}).",
     ]
     if "pruned_perplexity" in res:
-        lines += [
-            "",
-            "| model | held-out perplexity | tokens |",
-            "|---|---:|---:|",
-            _ppl_row("dense", res["dense_perplexity"]),
-            _ppl_row("pruned", res["pruned_perplexity"]),
-            "",
-            f"Relative change: {100 * res['relative_perplexity_change']:+.2f}%.",
-        ]
+        lines += _ppl_table(res, "pruned")
     return lines + _reconstruction(pr["reconstruction"])
 
 

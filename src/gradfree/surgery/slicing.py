@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfree.adapters import config_for_width, get_adapter
+from gradfree.adapters import config_for_width, get_adapter, validate_config
 from gradfree.base.errors import GradfreeError
 from gradfree.surgery.edit import (
     all_norms,
@@ -53,16 +53,7 @@ def _check_config(trial: Any) -> None:
     (transformers 5.23's LlamaConfig, for one, insists that hidden_size is a multiple of the
     number of attention heads even when head_dim is explicit.)
     """
-    validate = getattr(trial, "validate", None)
-    if validate is None:
-        return
-    try:
-        validate()
-    except Exception as e:  # transformers wraps its ValueError in a hub validation error
-        cause = e.__cause__ or e
-        raise GradfreeError(
-            f"transformers refuses hidden_size {trial.hidden_size} for this model: {cause}"
-        ) from e
+    validate_config(trial, f"hidden_size {trial.hidden_size}")
 
 
 def allowed_width(config: Any, k: int) -> bool:
