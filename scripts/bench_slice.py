@@ -88,6 +88,11 @@ METHOD_NAMES = {
 AT_PARAMS = ("prune-ls", "prune-ls-heads", "slicegpt-eq", "slice-prune-ls")
 
 
+def _progress(msg: str) -> None:
+    """The reconstruction's per-block lines, on stdout: they land in the job's log file."""
+    print(msg, flush=True)
+
+
 def _rows_for(
     base: dict[str, Any], res: dict[str, tuple[float, int]], seconds_eval: float
 ) -> list[dict[str, Any]]:
@@ -171,7 +176,13 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                             if ref is None:
                                 ref = dense_reference(model, q)
                             rec = reconstruct_(
-                                sliced, ref, tok, cdocs, rel_lam=args.ls_lambda, max_length=512
+                                sliced,
+                                ref,
+                                tok,
+                                cdocs,
+                                rel_lam=args.ls_lambda,
+                                max_length=512,
+                                progress=_progress,
                             )
                             print(
                                 f"{name} global-ls f={f}: reconstructed in {rec['seconds']:.0f}s "
@@ -201,6 +212,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                             rel_lam=args.ls_lambda,
                             max_length=512,
                             prune=plan,
+                            progress=_progress,
                         )
                         secs = time.perf_counter() - t0
                         width = k
@@ -224,6 +236,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                             head=not get_adapter(sliced).tied,
                             max_length=512,
                             prune=plan,
+                            progress=_progress,
                         )
                         print(
                             f"{name} {method} target -{f:.0%} params: {plan.mlp_keep} neurons, "

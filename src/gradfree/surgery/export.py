@@ -383,7 +383,8 @@ def _rotate_or_slice(
 def run_surgery(
     cfg: SurgeryConfig, *, overwrite: bool = False, log: Log = _quiet
 ) -> dict[str, Any]:
-    """Run ``cfg`` (rotate or slice) and write its output folder; return the recorded result."""
+    """Run ``cfg`` (rotate, slice or prune) and write its output folder; return the recorded
+    result."""
     from gradfree.models import load_model
 
     out = check_new_output(cfg.out, overwrite)

@@ -377,7 +377,6 @@ def _fit_site_(
 
 def _prune_site_(
     s: ModelAdapter,
-    d: ModelAdapter,
     site: str,
     j: int,
     m: PairMoments,
@@ -536,7 +535,7 @@ def _fit_block_(
             target = dense_got.pop(DENSE_SITE[site])
             acc.add(got[site], target[..., :k] if site in WRITERS else target)
         m = acc.result(f"blocks.{j}.{site}")
-        pruned = _prune_site_(s, d, site, j, m, rel_lam, plan)
+        pruned = _prune_site_(s, site, j, m, rel_lam, plan)
         if pruned is not None:
             m = pruned[0]
         fitted = _fit_site_(s, d, site, j, m, rel_lam, projected=True)
