@@ -234,3 +234,53 @@ def test_study_series_are_sorted_by_x_whatever_the_row_order() -> None:
     results = {"h@100": row(1.0), "h@10": row(3.0), "h@50": row(2.0), "s": {"study": "matrix"}}
     series = _series(results, "data_efficiency", lambda n, _r: ("h", float(n.split("@")[1])))
     assert series == {"h": ([10.0, 50.0, 100.0], [3.0, 2.0, 1.0])}
+
+
+def test_continuation_and_refit_rows_choose_on_validation(tmp_path: Path) -> None:
+    """Issue 17 part 4's rows: teacher-written calibration text beside the documents, and the
+    last MLP writers refitted after the head, each block's α the validation minimum (0 included)."""
+    student = tiny_model("qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    teacher = tiny_model("qwen2", hidden_size=48, intermediate_size=64, num_hidden_layers=3, seed=5)
+    rows = [
+        {"name": "student", "kind": "student"},
+        {"name": "student+head", "kind": "student", "head": True},
+        {
+            "name": "+cont",
+            "kind": "student",
+            "head": True,
+            "continuations": {"prompt_tokens": 8, "new_tokens": 8, "batch_size": 3},
+        },
+        {
+            "name": "+refit",
+            "kind": "student",
+            "head": True,
+            "refit": {"blocks": 2, "alphas": [0.5, 1.0], "lam": 0.1},
+        },
+    ]
+    cfg = _config(_save(teacher, tmp_path / "t"), _save(student, tmp_path / "s"), rows=rows)
+    out = run_experiment(
+        make_experiment(cfg), tmp_path / "exp", say=lambda _m: None, keep_work=True
+    )
+    got = json.loads((out / "results.json").read_text())["rows"]
+    assert got["+cont"]["continuations"] == {"documents": 4}
+    (cont,) = (out / "work" / "continuations").glob("*.jsonl")
+    texts = [json.loads(line) for line in cont.read_text().splitlines()]
+    assert [t["split"] for t in texts] == ["continuation"] * 4
+    merged = [
+        load_capture(p)
+        for p in (out / "work" / "final-states").glob("*/")
+        if len(load_capture(p).manifest.get("merged_from", [])) == 2
+    ]
+    assert [c.manifest["documents"]["count"] for c in merged] == [8]
+    refit = got["+refit"]["refit"]
+    assert [b["block"] for b in refit["blocks"]] == [1, 0]
+    for cands, block in zip(refit["candidates"], refit["blocks"], strict=True):
+        kls = {c["alpha"]: c["validation_kl"] for c in cands}
+        assert set(kls) == {0.0, 0.5, 1.0} and kls[block["alpha"]] == min(kls.values())
+    # the refit starts from the head row's model: its first candidate α = 0 is that model
+    first = {c["alpha"]: c["validation_kl"] for c in refit["candidates"][0]}
+    assert first[0.0] == pytest.approx(
+        got["student+head"]["head"]["validation_chosen"]["kl"], rel=1e-4
+    )
+    with pytest.raises(GradfreeError, match="student row with a head"):
+        make_experiment({**cfg, "rows": [{"name": "x", "kind": "student", "refit": {}}]})

@@ -128,26 +128,53 @@ def _scores(sc: dict[str, Any]) -> dict[str, float]:
     return {"kl": sc["kl"], "ppl": sc["ppl"], "tokens": float(sc["tokens"])}
 
 
+@dataclass(frozen=True)
+class HeadMoments:
+    """What a ridge head is solved from: E[x_S x_Sᵀ] (d_S × d_S) and E[x_S x_Tᵀ] (d_S × d_T) of
+    the final normed states over the same tokens (float64)."""
+
+    xtx: torch.Tensor
+    c_st: torch.Tensor
+
+    @classmethod
+    def of(cls, cap: Capture | HeadMoments) -> HeadMoments:
+        """The moments of a paired capture's ``final.normed`` (or ``cap`` itself)."""
+        if isinstance(cap, HeadMoments):
+            return cap
+        cr = cap.cross("final.normed", "final.normed")
+        return cls(cap.stats("student", "final.normed").second_moment(), (cr.m_ab / cr.count).T)
+
+    @classmethod
+    def from_states(cls, x_s: Sequence[torch.Tensor], x_t: Sequence[torch.Tensor]) -> HeadMoments:
+        """The moments of per-window states (t × d_S and t × d_T, the same tokens)."""
+        n = sum(int(x.shape[0]) for x in x_s)
+        if n == 0 or len(x_s) != len(x_t):
+            raise ValueError("the head's moments need the same windows of both models")
+        xtx = sum(f64(a).T @ f64(a) for a in x_s)
+        c_st = sum(f64(a).T @ f64(b).to(a.device) for a, b in zip(x_s, x_t, strict=True))
+        assert isinstance(xtx, torch.Tensor) and isinstance(c_st, torch.Tensor)
+        return cls(xtx / n, c_st / n)
+
+
 def _head_stats(
-    student: nn.Module, teacher: nn.Module | torch.Tensor, cap: Capture
+    student: nn.Module, teacher: nn.Module | torch.Tensor, cap: Capture | HeadMoments
 ) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """E[x_S x_Sᵀ], the function of the XᵀY columns a:b, and the student's head weight."""
     h_t = teacher if isinstance(teacher, torch.Tensor) else param(get_adapter(teacher).lm_head)
-    xtx = cap.stats("student", "final.normed").second_moment()
-    cr = cap.cross("final.normed", "final.normed")
-    c_st = (cr.m_ab / cr.count).T  # E[x_S x_Tᵀ], d_S × d_T
+    m = HeadMoments.of(cap)
+    c_st = m.c_st
 
     def xty(a: int, b: int) -> torch.Tensor:
         return c_st @ f64(h_t[a:b]).T
 
-    return xtx, xty, param(get_adapter(student).lm_head)
+    return m.xtx, xty, param(get_adapter(student).lm_head)
 
 
 @torch.no_grad()
 def ridge_head(
     student: nn.Module,
     teacher: nn.Module | torch.Tensor,
-    cap: Capture,
+    cap: Capture | HeadMoments,
     rel_lam: float,
     chunk: int = 8192,
     dtype: torch.dtype = torch.float32,
@@ -163,7 +190,7 @@ def ridge_head(
 def ridge_heads(
     student: nn.Module,
     teacher: nn.Module | torch.Tensor,
-    cap: Capture,
+    cap: Capture | HeadMoments,
     rel_lams: Sequence[float],
     chunk: int = 8192,
     dtype: torch.dtype = torch.float32,
@@ -216,7 +243,7 @@ def _score_grid(
 def select_ridge_head(
     student: nn.Module,
     teacher: nn.Module | torch.Tensor,
-    cap: Capture,
+    cap: Capture | HeadMoments,
     val: Sequence[ValidationDoc],
     lambdas: Sequence[float] = (0.1, 1.0, 10.0),
     blends: Sequence[float] = (0.25, 0.5, 0.75, 1.0),

@@ -53,6 +53,33 @@ class Blend(BaseModel):
     weight: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class Continuations(BaseModel):
+    """Teacher-written calibration text (issue 17 part 4): the first ``prompt_tokens`` tokens of
+    each calibration document, continued greedily by the teacher for ``new_tokens`` tokens
+    (:func:`gradfree.texts.continuations.continuations`), fitted on beside the documents."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(32, ge=1)
+    new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class Refit(BaseModel):
+    """Closed-form refit of the last ``blocks`` MLP writers toward the final states that the
+    head maps closest to the teacher's centred logits (:mod:`gradfree.compress.refit`; state
+    prior ``mu`` and ridge ``lam`` relative). Each block's strength α is chosen on validation KL
+    among ``alphas`` and 0; with ``rehead`` the head is distilled again on the refitted states."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blocks: int = Field(1, ge=1)
+    mu: float = Field(1.0, gt=0)
+    lam: float = Field(1e-2, ge=0)
+    alphas: list[float] = [0.25, 0.5, 1.0]
+    rehead: bool = True
+
+
 class Row(BaseModel):
     """One model to build and measure.
 
@@ -61,6 +88,8 @@ class Row(BaseModel):
     base recipe. ``calibration`` overrides the config's calibration texts. ``head`` distils the
     LM head of the result (λ, β chosen on the validation texts' KL). ``validation`` overrides
     the config's validation texts for this row's measured choices (head, measured α).
+    ``continuations`` adds teacher-written text to a student row's calibration; ``refit`` moves
+    a student row's last MLP writers after its head (both issue 17 part 4).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -73,6 +102,8 @@ class Row(BaseModel):
     validation: Texts | None = None
     head: bool = False
     blend: Blend | None = None
+    continuations: Continuations | None = None
+    refit: Refit | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Row:
@@ -82,6 +113,10 @@ class Row(BaseModel):
             raise ValueError(f"row {self.name!r}: a {self.kind} row takes no recipe")
         if self.kind == "teacher" and self.head:
             raise ValueError(f"row {self.name!r}: the teacher row has no head to distil")
+        if (self.continuations or self.refit) and not (self.kind == "student" and self.head):
+            raise ValueError(
+                f"row {self.name!r}: continuations and refit belong to a student row with a head"
+            )
         return self
 
 

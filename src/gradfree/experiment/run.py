@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gradfree.base.errors import GradfreeError
-from gradfree.base.io import read_json, write_json_atomic
+from gradfree.base.io import read_json, write_json_atomic, write_text_atomic
 from gradfree.compress.calibration import Calibration
 from gradfree.compress.calibration import spec_hash as _hash
 from gradfree.evaluation.reference import (
@@ -35,7 +35,14 @@ from gradfree.evaluation.reference import (
     score,
     teacher_reference,
 )
-from gradfree.experiment.config import ExperimentConfig, Row, Texts, expand_rows
+from gradfree.experiment.config import (
+    Continuations,
+    ExperimentConfig,
+    Refit,
+    Row,
+    Texts,
+    expand_rows,
+)
 
 
 def load_texts(t: Texts) -> list[Any]:
@@ -278,6 +285,130 @@ class Engine:
         del val
         return choice.describe()
 
+    def continuation_docs(self, texts: Texts, spec: Continuations) -> list[Any]:
+        """The teacher's continuations of ``texts`` (generated once, kept in the work folder)."""
+        from gradfree.texts.continuations import continuations
+        from gradfree.texts.corpora import read_jsonl
+
+        path = self.work / "continuations" / f"{_hash([texts.model_dump(), spec.model_dump()])}"
+        path = path.with_suffix(".jsonl")
+        if path.exists():
+            return read_jsonl(path, source="teacher greedy continuation")
+        with self.clock.stage(f"continuations of {texts.label()}"):
+            docs = continuations(
+                self.t.model,
+                self.s.tokenizer,
+                self.documents(texts),
+                prompt_tokens=spec.prompt_tokens,
+                new_tokens=spec.new_tokens,
+                batch_size=spec.batch_size,
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(d.to_json()) + "\n" for d in docs))
+        self.say(f"{len(docs)} teacher continuations of {texts.label()}")
+        return docs
+
+    def with_documents(
+        self, cap: Any, texts: Texts, spec: Continuations, extra: Sequence[Any]
+    ) -> Any:
+        """``cap`` (final states of ``texts``) merged with a final-state capture of ``extra``
+        (kept on disk; statistics are sums, so the merge is one capture of both)."""
+        from gradfree.capture import Subject, combine_captures, load_capture, run_capture
+
+        root = self.work / "final-states"
+        key = _hash(["with", texts.model_dump(), spec.model_dump()])
+        folder, part = root / key, root / f"{key}.extra"
+        if (folder / "manifest.json").exists():
+            return load_capture(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(part, ignore_errors=True)
+        subjects = {"teacher": self.t, "student": Subject(self.s.model, self.s.tokenizer)}
+        self.say(f"final-state capture of {len(extra)} continuations")
+        run_capture(subjects, list(extra), part, self._final_settings())
+        combine_captures([cap, part], folder)
+        shutil.rmtree(part)
+        return load_capture(folder)
+
+    def teacher_states(self, windows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The teacher's final normed states of ``windows`` (computed once per set of windows,
+        kept in the work folder: the teacher's pass is the refit's largest cost)."""
+        from safetensors.torch import load_file, save_file
+
+        from gradfree.compress.refit import teacher_states
+
+        key = _hash([_ids_digest(w) for w in windows])
+        path = self.work / "teacher-states" / f"{key}.safetensors"
+        if path.exists():
+            got = load_file(str(path))
+            return [got[str(i)] for i in range(len(windows))]
+        with self.clock.stage("teacher final states of the calibration windows"):
+            x_t = [x.cpu().contiguous() for x in teacher_states(self.t.model, windows)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({str(i): x for i, x in enumerate(x_t)}, str(tmp))
+        tmp.replace(path)
+        return x_t
+
+    def refit(
+        self, model: nn.Module, spec: Refit, docs: Sequence[Any], val: TeacherReference
+    ) -> dict[str, Any]:
+        """Refit ``model``'s last MLP writers on ``docs`` (in place; α per block on ``val``),
+        then, with ``spec.rehead``, choose its head again on the refitted final states."""
+        from gradfree.adapters import get_adapter
+        from gradfree.compress.head import (
+            HeadMoments,
+            apply_head_,
+            final_states,
+            select_ridge_head,
+            validation_docs,
+        )
+        from gradfree.compress.refit import refit_last_writers_
+        from gradfree.surgery.edit import param
+        from gradfree.texts.windows import iter_windows
+
+        windows = [
+            torch.tensor(ids, dtype=torch.long)
+            for _, ids in iter_windows(self.s.tokenizer, docs, self.cfg.max_length)
+            if len(ids) > 1
+        ]
+        x_t = self.teacher_states(windows)
+        tried: list[list[dict[str, float]]] = []
+
+        def choose(m: nn.Module, apply: Callable[[float], None]) -> float:
+            rows = []
+            for a in sorted({0.0, *spec.alphas}):
+                apply(a)
+                rows.append({"alpha": a, "validation_kl": float(score(m, val)["kl"])})
+            tried.append(rows)
+            return min(rows, key=lambda r: (r["validation_kl"], r["alpha"]))["alpha"]
+
+        rec = refit_last_writers_(
+            model,
+            param(get_adapter(self.t.model).lm_head).detach(),
+            windows,
+            x_t,
+            blocks=spec.blocks,
+            rel_mu=spec.mu,
+            rel_lam=spec.lam,
+            choose=choose,
+            say=self.say,
+        )
+        rec["candidates"] = tried
+        if spec.rehead and any(b["alpha"] > 0 for b in rec["blocks"]):
+            moments = HeadMoments.from_states([final_states(model, w) for w in windows], x_t)
+            choice = select_ridge_head(
+                model,
+                self.t.model,
+                moments,
+                validation_docs(model, val),
+                self.cfg.head_lambdas,
+                self.cfg.head_blends,
+            )
+            if choice.head is not None:
+                apply_head_(model, choice.head)
+            rec["head_again"] = choice.describe()
+        return rec
+
     # measuring ---------------------------------------------------------------------------------
     def measure(self, model: nn.Module) -> dict[str, Any]:
         res: dict[str, Any] = {}
@@ -315,7 +446,16 @@ class Engine:
                 cal = self.calibrations.get(texts.key())
                 cap = cal.last if cal is not None else None
                 cap = self.final_states(texts) if cap is None else cap
+                docs = list(self.documents(texts))
+                if row.continuations is not None:
+                    extra = self.continuation_docs(texts, row.continuations)
+                    cap = self.with_documents(cap, texts, row.continuations, extra)
+                    docs += extra
+                    info["continuations"] = {"documents": len(extra)}
                 info["head"] = self.distil_head(model, cap, texts, self.validation(row))
+                if row.refit is not None:
+                    with self.clock.stage(f"refit {row.name}"):
+                        info["refit"] = self.refit(model, row.refit, docs, self.validation(row))
             info["calibration"] = texts.label() if row.head else None
             return {**info, **self.measure(model)}
         recipe = make_recipe(self.base, **row.recipe)
@@ -346,6 +486,13 @@ class Engine:
         del model
         gc.collect()
         return out
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    """A stable digest of one window's token ids."""
+    import hashlib
+
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def longest_prefix(texts: Texts, have: Sequence[Texts]) -> Texts | None:

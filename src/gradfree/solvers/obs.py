@@ -43,10 +43,10 @@ class Selection:
         return float(sum(self.step_errors))
 
 
-def _group_scores(w: torch.Tensor, hinv: torch.Tensor, alive: list[int], size: int) -> torch.Tensor:
-    """``tr(W_G [(H⁻¹)_GG]⁻¹ W_Gᵀ)`` for every group in ``alive``."""
-    idx = torch.tensor([[g * size + i for i in range(size)] for g in alive], device=w.device)
-    if size == 1:
+def _group_scores(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``tr(W_G [(H⁻¹)_GG]⁻¹ W_Gᵀ)`` for every group, ``idx`` holding each group's columns
+    (groups × size) in the current matrices."""
+    if idx.shape[1] == 1:
         diag = hinv.diagonal()[idx[:, 0]]
         return (w[:, idx[:, 0]] ** 2).sum(0) / diag
     blocks = hinv[idx[:, :, None], idx[:, None, :]]  # groups × size × size
@@ -72,11 +72,32 @@ def obs_select(
     at once; ``steps`` ≥ the number to remove gives one group per round, exact greedy).
     """
     n = int(w.shape[1])
+    if tuple(h.shape) != (n, n):
+        raise GradfreeError(f"The Hessian must be {n} x {n}, not {tuple(h.shape)}.")
+    try:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h.detach().to(torch.float64)))
+    except RuntimeError as e:  # torch's LinAlgError is a RuntimeError
+        raise GradfreeError("The Hessian is not positive definite: damp it first.") from e
+    return obs_select_inverse(w, hinv, keep, group_size=group_size, pools=pools, steps=steps)
+
+
+def obs_select_inverse(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    keep: int,
+    *,
+    group_size: int = 1,
+    pools: Sequence[Sequence[int]] | None = None,
+    steps: int = 64,
+) -> Selection:
+    """:func:`obs_select` from the inverse Hessian ``hinv`` (float64, n × n), which is
+    overwritten: a caller that already factorised ``H`` saves a second factorisation."""
+    n = int(w.shape[1])
     if group_size < 1 or n % group_size:
         raise GradfreeError(f"{n} columns do not split into groups of {group_size}.")
     n_groups = n // group_size
-    if tuple(h.shape) != (n, n):
-        raise GradfreeError(f"The Hessian must be {n} x {n}, not {tuple(h.shape)}.")
+    if tuple(hinv.shape) != (n, n) or hinv.dtype != torch.float64:
+        raise GradfreeError(f"The inverse Hessian must be a float64 {n} x {n} matrix.")
     pool_list = [list(range(n_groups))] if pools is None else [list(p) for p in pools]
     flat = sorted(g for p in pool_list for g in p)
     if flat != list(range(n_groups)):
@@ -85,19 +106,21 @@ def obs_select(
     if not 0 < keep <= min(sizes):
         raise GradfreeError(f"Cannot keep {keep} groups per pool of sizes {sorted(sizes)}.")
     w64 = w.detach().to(torch.float64).clone()
-    try:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h.detach().to(torch.float64)))
-    except RuntimeError as e:  # torch's LinAlgError is a RuntimeError
-        raise GradfreeError("The Hessian is not positive definite: damp it first.") from e
     pool_of = {g: i for i, p in enumerate(pool_list) for g in p}
     quota = [len(p) - keep for p in pool_list]
     alive = flat[:]
+    # the matrices hold the columns of ``held`` groups, in that order; removed groups are
+    # dropped from them once they make up a quarter (later rounds then cost less)
+    held = flat[:]
+    slot = {g: i for i, g in enumerate(held)}
+    offs = torch.arange(group_size, device=w64.device)
     removed: list[int] = []
     errors: list[float] = []
     per_round = max(1, math.ceil(max(quota) / max(int(steps), 1)))
     while any(q > 0 for q in quota):
         eligible = [g for g in alive if quota[pool_of[g]] > 0]
-        scores = _group_scores(w64, hinv, eligible, group_size)
+        local = torch.tensor([slot[g] for g in eligible], device=w64.device)
+        scores = _group_scores(w64, hinv, local[:, None] * group_size + offs[None, :])
         order = sorted(range(len(eligible)), key=lambda i: (float(scores[i]), eligible[i]))
         batch: list[int] = []
         taken = [0] * len(pool_list)
@@ -107,21 +130,27 @@ def obs_select(
             if taken[p] < min(quota[p], per_round):
                 batch.append(g)
                 taken[p] += 1
-        cols = torch.tensor(
-            [g * group_size + i for g in batch for i in range(group_size)], device=w64.device
-        )
+        lb = torch.tensor([slot[g] for g in batch], device=w64.device)
+        cols = (lb[:, None] * group_size + offs[None, :]).reshape(-1)
         block = hinv[cols[:, None], cols[None, :]]
-        # the batch's joint ΔE and the downdate of W and H⁻¹ (Schur complement)
+        # the batch's joint ΔE and the downdate of W and H⁻¹ (Schur complement), in place
         sol_w = torch.linalg.solve(block, w64[:, cols].T)  # |G| × out
         errors.append(float((w64[:, cols].T * sol_w).sum()))
         rows = hinv[cols, :]  # |G| × n
-        w64 -= sol_w.T @ rows
-        hinv -= rows.T @ torch.linalg.solve(block, rows)
+        w64.addmm_(sol_w.T, rows, alpha=-1.0)
+        hinv.addmm_(rows.T, torch.linalg.solve(block, rows), alpha=-1.0)
         w64[:, cols] = 0.0
         for g in batch:
             alive.remove(g)
             removed.append(g)
             quota[pool_of[g]] -= 1
+        if 4 * (len(held) - len(alive)) >= len(held) and any(q > 0 for q in quota):
+            lk = torch.tensor([slot[g] for g in alive], device=w64.device)
+            kc = (lk[:, None] * group_size + offs[None, :]).reshape(-1)
+            hinv = hinv.index_select(0, kc).index_select(1, kc)
+            w64 = w64.index_select(1, kc)
+            held = alive[:]
+            slot = {g: i for i, g in enumerate(held)}
     return Selection(kept=sorted(alive), removed=removed, step_errors=errors)
 
 

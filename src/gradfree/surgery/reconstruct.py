@@ -59,7 +59,7 @@ from torch import nn
 
 from gradfree.adapters import LayerAdapter, ModelAdapter, get_adapter
 from gradfree.base.errors import GradfreeError
-from gradfree.solvers.obs import group_columns, obs_select
+from gradfree.solvers.obs import group_columns, obs_select_inverse
 from gradfree.solvers.ridge import iter_ridge_chunks, resolve_lambda, ridge_from_stats
 from gradfree.surgery.blocks import block_inputs
 from gradfree.surgery.edit import assign_, f64, maybe_param, norm_eps, param
@@ -184,12 +184,29 @@ def select_columns(
     least-squares refit toward ``target_w`` loses least: structured OBS
     (:func:`gradfree.solvers.obs.obs_select`) on the ridge optimum and its damped Hessian.
     Returns the kept column indices and what the selection predicted."""
-    w_full, _ = ls_fit(m, target_w, prior_w, rel_lam)
+    # one Cholesky factor of the damped Hessian gives both the ridge optimum (ls_fit's solve)
+    # and the inverse the selection downdates: an n × n factorisation saved (n = 8,960 on 1.5B)
+    c_ds = f64(m.cross_ds)
+    dev = c_ds.device
+    t = f64(target_w).to(dev)
+    if t.shape[1] != c_ds.shape[0] or prior_w.shape != (t.shape[0], c_ds.shape[1]):
+        raise GradfreeError(
+            f"The target {tuple(t.shape)} and prior {tuple(prior_w.shape)} do not match the "
+            f"moments ({c_ds.shape[0]} dense x {c_ds.shape[1]} sliced)."
+        )
     lam = ridge_lambda(m, rel_lam)
-    h = f64(m.gram_s) + lam * torch.eye(
-        m.gram_s.shape[0], dtype=torch.float64, device=w_full.device
+    g = f64(m.gram_s)
+    h = 0.5 * (g + g.T)
+    h.diagonal().add_(lam)
+    chol, bad = torch.linalg.cholesky_ex(h)
+    del h
+    if int(bad):
+        raise GradfreeError("The writer's input moments are not positive definite: raise λ.")
+    rhs = c_ds.T @ t.T + lam * f64(prior_w).to(dev).T  # k × out
+    w_full = torch.cholesky_solve(rhs, chol).T
+    sel = obs_select_inverse(
+        w_full, torch.cholesky_inverse(chol), keep, group_size=group_size, pools=pools, steps=steps
     )
-    sel = obs_select(w_full, h, keep, group_size=group_size, pools=pools, steps=steps)
     info = {
         "kept": len(sel.kept),
         "removed": len(sel.removed),
