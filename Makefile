@@ -7,7 +7,7 @@ OUT    ?= runs/demo
 DEMO_ARGS ?=
 RUNS   ?= runs
 PAIR   := --teacher qwen2.5-coder-1.5b-instruct --student qwen2.5-coder-0.5b-instruct
-STUDIES := seed000 ablation data-efficiency transfer composability slicing
+STUDIES := seed000 ablation data-efficiency transfer composability slicing student-pushed teacher-curve
 
 .PHONY: install test lint typecheck unit slow demo experiments study-inputs $(addprefix experiment-,$(STUDIES)) bench bench-kv bench-slice bench-taskvec clean
 
@@ -61,6 +61,15 @@ experiment-transfer: study-inputs
 
 experiment-composability: study-inputs
 	$(VENV)/bin/gradfree experiment --config experiments/composability.yaml --out $(RUNS)/composability --resume
+
+# issue 17 part 4: the distilled student with 175 blurbs, continuations and last-writer refits
+experiment-student-pushed: study-inputs
+	$(VENV)/bin/gradfree experiment --config experiments/student_pushed.yaml --out $(RUNS)/student_pushed --resume
+
+# issue 17 part 3: the 1.5B pruned to 90-33 % of its parameters against the native 0.5B (hours)
+experiment-teacher-curve: study-inputs
+	mkdir -p $(RUNS)/teacher-curve
+	$(PY) scripts/bench_teacher_curve.py --calib-tokens 4096 --json $(RUNS)/teacher-curve/teacher-curve.json --plot $(RUNS)/teacher-curve/teacher-curve.png
 
 experiment-ablation: study-inputs
 	$(VENV)/bin/gradfree ablate $(PAIR) --config experiments/ablation.yaml --out $(RUNS)/ablation --overwrite

@@ -75,6 +75,15 @@ def _identity_recipes(work: Path) -> dict[str, tuple[dict[str, Any], str]]:
         "dare_linear": ({"method": "dare_linear", "models": w10, "base_model": base}, "a"),
         "fisher": ({"method": "fisher", "models": w10, "calibration": cal}, "a"),
         "regmean": ({"method": "regmean", "models": w10, "calibration": cal}, "a"),
+        "breadcrumbs": ({"method": "breadcrumbs", "models": w10, "base_model": base}, "a"),
+        "breadcrumbs_ties": (
+            {"method": "breadcrumbs_ties", "models": w10, "base_model": base},
+            "a",
+        ),
+        "della": ({"method": "della", "models": w10, "base_model": base}, "a"),
+        "della_linear": ({"method": "della_linear", "models": w10, "base_model": base}, "a"),
+        "model_stock": ({"method": "model_stock", "models": [a, a], "base_model": base}, "a"),
+        "passthrough": ({"method": "passthrough", "models": [a]}, "a"),
     }
 
 
@@ -90,6 +99,12 @@ def _identity_recipes(work: Path) -> dict[str, tuple[dict[str, Any], str]]:
         "dare_linear",
         "fisher",
         "regmean",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "passthrough",
     ],
 )
 def test_identity_merge_returns_the_first_or_base_model_exactly(
@@ -101,6 +116,48 @@ def test_identity_merge_returns_the_first_or_base_model_exactly(
     assert set(got) == set(ref)
     for name, t in ref.items():
         assert torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ({"method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}, "b"]}, None),
+        ({"method": "multislerp", "models": ["a", "a", "a"]}, "a"),
+        ({"method": "karcher", "models": ["a", "a"]}, "a"),
+        ({"method": "nuslerp", "models": ["a", "b"], "base_model": "base"}, None),
+    ],
+)
+def test_spherical_merges_end_to_end(
+    work: Path, tmp_path: Path, recipe: dict[str, Any], expected: str | None
+) -> None:
+    """Copies of one model stay that model; NuSLERP's equal weights give the independent
+    SLERP midpoint of the two models (of their task vectors, with a base)."""
+    from gradfree.merge.linear import slerp
+
+    def path(spec: Any) -> Any:
+        if isinstance(spec, dict):
+            return {**spec, "model": str(work / spec["model"])}
+        return str(work / spec)
+
+    recipe = {**recipe, "models": [path(m) for m in recipe["models"]]}
+    if "base_model" in recipe:
+        recipe["base_model"] = str(work / recipe["base_model"])
+    merge(recipe, tmp_path / "out", say=lambda m: None)
+    got = _weights(tmp_path / "out")
+    if expected is not None:
+        ref = _weights(work / expected)
+        for name, t in ref.items():
+            assert torch.allclose(got[name], t, rtol=1e-6, atol=1e-7), name
+        return
+    a, b, base = _weights(work / "a"), _weights(work / "b"), _weights(work / "base")
+    for name, t in got.items():
+        x, y = a[name].double(), b[name].double()
+        if "base_model" in recipe:
+            z = base[name].double()
+            want = z + slerp(0.5, x - z, y - z, dot_threshold=1.0 - 1e-15)[0]
+        else:
+            want = slerp(0.5, x, y, dot_threshold=1.0 - 1e-15)[0]
+        assert torch.allclose(t.double(), want, rtol=1e-5, atol=1e-6), name
 
 
 def test_linear_merge_reloads_in_transformers_and_records_its_inputs(

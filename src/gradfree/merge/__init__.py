@@ -1,8 +1,10 @@
 """Same-shape model merging (``gradfree merge``): YAML recipes, registered methods, streaming IO.
 
 Methods (see :func:`list_methods`): ``linear``, ``uniform`` and ``greedy_soup`` (model soups),
-``slerp``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear`` (task vectors),
-``fisher`` (diagonal-Fisher-weighted) and ``regmean`` (closed form from input Grams).
+``passthrough``, ``slerp``, ``nuslerp``, ``multislerp`` and ``karcher`` (on the sphere),
+``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``,
+``breadcrumbs_ties``, ``della``, ``della_linear`` and ``model_stock`` (task vectors), ``fisher``
+(diagonal-Fisher-weighted) and ``regmean`` (closed form from input Grams).
 
     from gradfree.merge import merge
     merge({"method": "linear", "models": ["a", "b"]}, "runs/soup")
@@ -12,7 +14,15 @@ Importing this package imports neither torch nor transformers.
 
 from __future__ import annotations
 
-from gradfree.merge import fisher, greedy, linear, regmean, sparse  # noqa: F401 (registers the methods)
+from gradfree.merge import (  # noqa: F401 (registers the methods)
+    fisher,
+    greedy,
+    linear,
+    regmean,
+    sparse,
+    spherical,
+    stock,
+)
 from gradfree.merge.recipe import (
     CalibrationSpec,
     EvalSpec,

@@ -2,6 +2,8 @@
 
 * ``linear``: θ = Σ wᵢ θᵢ / Σ wᵢ (or unnormalised Σ wᵢ θᵢ) — the "model soup" of Wortsman et al.
   2022, https://arxiv.org/abs/2203.05482 (uniform soup: all wᵢ = 1, method ``uniform``).
+* ``passthrough``: one model's tensors unchanged (times ``scale``), as mergekit's frankenmerges
+  use it.
 * ``slerp``: per tensor, the great-circle interpolation between two models (Shoemake 1985, as
   used for model merging by mergekit): with Ω the angle between the flattened tensors,
   θ = sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁ on the *unnormalised* tensors. When the two are
@@ -124,4 +126,25 @@ class Slerp(TensorwiseMethod):
         return out
 
 
-__all__ = ["Linear", "Slerp", "Uniform", "linear_combination", "slerp"]
+class Scaled(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale: float = Field(1.0, description="multiplies every tensor of the model")
+
+
+@register
+class Passthrough(TensorwiseMethod):
+    name = "passthrough"
+    reference_url = "https://github.com/arcee-ai/mergekit"
+    description = "one model's tensors as they are (optionally scaled): the frankenmerge step"
+    ModelParams = Scaled
+    min_models = 1
+    max_models = 1
+
+    def merge_tensor(
+        self, name: str, xs: list[torch.Tensor], base: torch.Tensor | None
+    ) -> torch.Tensor:
+        scale = float(self.model_params[0].scale)
+        return xs[0].clone() if scale == 1.0 else xs[0] * scale
+
+
+__all__ = ["Linear", "Passthrough", "Slerp", "Uniform", "linear_combination", "slerp"]

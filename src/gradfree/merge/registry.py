@@ -70,6 +70,7 @@ class MergeMethod:
     Params: ClassVar[type[BaseModel]] = NoParams
     ModelParams: ClassVar[type[BaseModel]] = NoParams
     needs_base: ClassVar[bool] = False
+    base_optional: ClassVar[bool] = False  # a base_model is used when given (task vectors)
     needs_calibration: ClassVar[bool] = False
     needs_selection: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
@@ -100,6 +101,7 @@ class MergeMethod:
             "parameters": cls.parameters(),
             "tensor_parameters": cls.tensor_parameters(),
             "needs_base": cls.needs_base,
+            "base_optional": cls.base_optional,
             "needs_calibration": cls.needs_calibration,
             "needs_selection": cls.needs_selection,
         }
@@ -132,7 +134,7 @@ class MergeMethod:
             raise GradfreeError(
                 f"Method '{cls.name}' needs a base_model (its task vectors' origin)."
             )
-        if not cls.needs_base and recipe.base_model is not None:
+        if not (cls.needs_base or cls.base_optional) and recipe.base_model is not None:
             raise GradfreeError(f"Method '{cls.name}' does not use a base_model; remove it.")
         if cls.needs_calibration and recipe.calibration is None:
             raise GradfreeError(f"Method '{cls.name}' needs a calibration section (its data).")
@@ -242,7 +244,7 @@ def list_methods() -> list[dict[str, Any]]:
 
 def _load_builtin() -> None:
     # Importing the method modules registers them; done lazily to avoid import cycles.
-    from gradfree.merge import fisher, greedy, linear, regmean, sparse  # noqa: F401
+    from gradfree.merge import fisher, greedy, linear, regmean, sparse, spherical, stock  # noqa: F401
 
 
 __all__ = [

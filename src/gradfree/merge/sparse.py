@@ -5,15 +5,23 @@ With task vectors τᵢ = θᵢ − θ_base (per tensor), every variant computes
 
 * sparsify: none; ``magnitude`` keeps the ``density`` fraction of entries of largest |τᵢ| (TIES'
   trim step); ``random`` drops each entry with probability p = 1 − density and rescales the kept
-  ones by 1/density, so E[sparsified τ] = τ (DARE). Drops are seeded per (seed, model, tensor),
-  so a merge is reproducible and independent of tensor order.
+  ones by 1/density, so E[sparsified τ] = τ (DARE); ``outliers`` drops the ``gamma`` fraction of
+  largest |τᵢ| and then the smallest, keeping ``density`` of the entries (Model Breadcrumbs);
+  ``magprune`` keeps each entry with a probability that rises linearly with its magnitude rank in
+  its row, from density − ε to density + ε, and rescales survivors by 1/probability (DELLA's
+  MagPrune). Drops are seeded per (seed, model, tensor), so a merge is reproducible and
+  independent of tensor order.
 * combine: ``sum`` gives Σ wᵢ τ̂ᵢ (task arithmetic; DARE-linear); ``sign`` elects, per entry, the
   sign of Σ wᵢ τ̂ᵢ and averages only the agreeing non-zero entries, Σ_{agree} wᵢ τ̂ᵢ / Σ_{agree} wᵢ
   (TIES' elect + disjoint merge; DARE-TIES), or sums them when ``normalize`` is false.
 
 References: task arithmetic, Ilharco et al. 2023 (https://arxiv.org/abs/2212.04089); TIES-Merging,
 Yadav et al. 2023 (https://arxiv.org/abs/2306.01708); DARE, Yu et al. 2024
-(https://arxiv.org/abs/2311.03099). The layout follows mergekit's generalized task arithmetic.
+(https://arxiv.org/abs/2311.03099); Model Breadcrumbs, Davari & Belilovsky 2023
+(https://arxiv.org/abs/2312.06795); DELLA, Deep et al. 2024 (https://arxiv.org/abs/2406.11617).
+The layout follows mergekit's generalized task arithmetic. Deliberate differences: DARE and
+DELLA rescale each survivor by exactly 1/(its keep probability), the papers' unbiased rule
+(mergekit rescales the tensor to keep its L1 norm).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradfree.base.errors import GradfreeError
 from gradfree.merge.registry import MergeMethod, TensorwiseMethod
 
 if TYPE_CHECKING:
@@ -66,6 +75,48 @@ def dare(tau: torch.Tensor, density: float, seed: int) -> tuple[torch.Tensor, in
     return torch.where(keep, tau / density, torch.zeros_like(tau)), int(keep.sum())
 
 
+def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask: the ``int(gamma · n)`` entries of largest |τ| are removed, then
+    the smallest, so that ``int(density · n)`` are kept (the outlier cut shrinks when both do not
+    fit); stable order on ties. Density 1 keeps everything."""
+    import torch
+
+    n = tau.numel()
+    if density >= 1.0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(tau.abs().flatten(), stable=True).indices  # ascending magnitude
+    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+    mask[order[bottom : bottom + keep]] = True
+    return mask.view_as(tau)
+
+
+def magprune(
+    tau: torch.Tensor, density: float, epsilon: float, seed: int
+) -> tuple[torch.Tensor, int]:
+    """DELLA's MagPrune: per row (a 1-D tensor is one row), the entry of magnitude rank r
+    (0 = smallest, of n) is kept with probability ``q = density − ε + 2ε · r/(n − 1)`` and
+    rescaled by 1/q, so E[result] = τ and the mean keep rate is ``density``. Returns (result,
+    entries kept)."""
+    import torch
+
+    if density >= 1.0:
+        return tau, tau.numel()
+    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
+    n = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+    frac = rank.to(torch.float64) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    q = (density - epsilon) + 2.0 * epsilon * frac
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(rows.shape, generator=g, dtype=torch.float64).to(rows.device) < q
+    out = torch.where(keep, rows / q.to(rows.dtype), torch.zeros_like(rows))
+    return out.reshape(tau.shape), int(keep.sum())
+
+
 def sign_consensus(
     taus: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +151,16 @@ class TaskModelParams(BaseModel):
     density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of entries kept")
 
 
+class OutlierModelParams(TaskModelParams):
+    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of largest entries removed")
+
+
+class MagPruneModelParams(TaskModelParams):
+    epsilon: float = Field(
+        0.15, ge=0.0, description="keep probabilities span density ± epsilon by magnitude rank"
+    )
+
+
 class TaskArithmeticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scaling: float = Field(1.0, description="λ: how much of the summed task vector is added")
@@ -113,7 +174,7 @@ class WeightOnly(BaseModel):
 class GeneralizedTaskArithmetic(TensorwiseMethod):
     """θ_base + λ · combine(sparsify(θᵢ − θ_base)); variants set ``sparsify`` and ``consensus``."""
 
-    sparsify: ClassVar[str | None] = None  # None, "magnitude" or "random"
+    sparsify: ClassVar[str | None] = None  # None, "magnitude", "random", "outliers", "magprune"
     consensus: ClassVar[str | None] = None  # None (sum) or "sign"
     Params = TaskParams
     ModelParams = TaskModelParams
@@ -126,6 +187,13 @@ class GeneralizedTaskArithmetic(TensorwiseMethod):
 
     def check(self, recipe: Any) -> None:
         self.seed = int(recipe.seed)
+        if self.sparsify == "magprune":
+            for i, p in enumerate(self.model_params, 1):
+                if p.density < 1.0 and not 0.0 < p.density - p.epsilon < p.density + p.epsilon < 1:
+                    raise GradfreeError(
+                        f"Method '{self.name}' needs density ± epsilon inside (0, 1) (model {i}: "
+                        f"density {p.density}, epsilon {p.epsilon})."
+                    )
 
     def merge_tensor(
         self, name: str, xs: list[torch.Tensor], base: torch.Tensor | None
@@ -145,6 +213,11 @@ class GeneralizedTaskArithmetic(TensorwiseMethod):
                 tau, kept = tau * mask, int(mask.sum())
             elif self.sparsify == "random":
                 tau, kept = dare(tau, density, drop_seed(self.seed, i, name))
+            elif self.sparsify == "outliers":
+                mask = outlier_mask(tau, density, float(p.gamma))
+                tau, kept = tau * mask, int(mask.sum())
+            elif self.sparsify == "magprune":
+                tau, kept = magprune(tau, density, float(p.epsilon), drop_seed(self.seed, i, name))
             self.stats["entries"] += tau.numel()
             self.stats["kept"] += kept
             taus.append(tau)
@@ -198,11 +271,49 @@ GeneralizedTaskArithmetic.variant(
     Params=TaskArithmeticParams,
 )
 
+_CRUMBS = "https://arxiv.org/abs/2312.06795"
+_DELLA = "https://arxiv.org/abs/2406.11617"
+
+GeneralizedTaskArithmetic.variant(
+    "breadcrumbs",
+    _CRUMBS,
+    "drop the largest (outliers) and the smallest entries, then task arithmetic",
+    sparsify="outliers",
+    ModelParams=OutlierModelParams,
+    Params=TaskArithmeticParams,
+)
+GeneralizedTaskArithmetic.variant(
+    "breadcrumbs_ties",
+    _CRUMBS,
+    "breadcrumbs' mask, then TIES sign election",
+    sparsify="outliers",
+    consensus="sign",
+    ModelParams=OutlierModelParams,
+)
+GeneralizedTaskArithmetic.variant(
+    "della",
+    _DELLA,
+    "magnitude-ranked drop-and-rescale (MagPrune), then TIES sign election",
+    sparsify="magprune",
+    consensus="sign",
+    ModelParams=MagPruneModelParams,
+)
+GeneralizedTaskArithmetic.variant(
+    "della_linear",
+    _DELLA,
+    "magnitude-ranked drop-and-rescale (MagPrune), then task arithmetic",
+    sparsify="magprune",
+    ModelParams=MagPruneModelParams,
+    Params=TaskArithmeticParams,
+)
+
 __all__ = [
     "GeneralizedTaskArithmetic",
     "MergeMethod",
     "dare",
     "drop_seed",
     "magnitude_mask",
+    "magprune",
+    "outlier_mask",
     "sign_consensus",
 ]

@@ -51,6 +51,8 @@ def continuations(
         eos_token_id=None,
     )
     prompts = [encode(tokenizer, d.text)[:prompt_tokens] for d in documents]
+    stops = {pad} | _ids(getattr(model.generation_config, "eos_token_id", None))
+    stops |= _ids(tokenizer.eos_token_id)
     device = next(model.parameters()).device
     generate: Any = model.generate  # typed through nn.Module.__getattr__ in the stubs
     out: list[Document] = []
@@ -69,6 +71,9 @@ def continuations(
         for i, p in enumerate(chunk):
             doc = documents[start + i]
             new = res[i, width:].tolist()
+            # a model whose defaults still stop at an end token pads after it: cut there
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            new = new[:cut]
             text = tokenizer.decode(p + new, skip_special_tokens=True)
             out.append(
                 Document(
@@ -82,3 +87,10 @@ def continuations(
             )
         progress("continuations", len(out), len(prompts), "documents")
     return out
+
+
+def _ids(value: Any) -> set[int]:
+    """Token ids from a config field that holds one id, a list of them, or None."""
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
