@@ -28,8 +28,6 @@ from gradfree.merge.registry import NoParams, TensorwiseMethod, Weighted, regist
 if TYPE_CHECKING:
     import torch
 
-    from gradfree.merge.recipe import MergeRecipe
-
 
 def linear_combination(
     xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True
@@ -114,7 +112,8 @@ class Slerp(TensorwiseMethod):
     min_models = 2
     max_models = 2
 
-    def check(self, recipe: MergeRecipe) -> None:
+    def __init__(self, params: BaseModel, model_params: Sequence[BaseModel]) -> None:
+        super().__init__(params, model_params)
         self.stats = {"tensors": 0, "lerp_fallbacks": 0}
 
     def merge_tensor(

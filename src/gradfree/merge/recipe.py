@@ -122,7 +122,11 @@ class MergeRecipe(_Strict):
     parameters: dict[str, Any] = {}
     seed: int = 0
     dtype: DType | None = None  # None: the first model's dtype
-    tokenizer_source: Literal["base", "first"] | None = None  # None: base if given, else first
+    # None: base if given, else first; or the spec of one of the recipe's models
+    tokenizer_source: str | None = None
+    chat_template: str | None = None  # a Jinja chat template written with the tokenizer
+    dialect: Literal["gradfree", "mergekit"] = "gradfree"  # whose defaults the method follows
+    translation: list[str] = []  # what reading a mergekit recipe changed (recorded)
     calibration: CalibrationSpec | None = None
     selection: EvalSpec | None = None
     evaluate: EvalSpec | None = None
@@ -141,6 +145,12 @@ class MergeRecipe(_Strict):
             raise ValueError("a recipe needs at least one model")
         if self.tokenizer_source == "base" and self.base_model is None:
             raise ValueError("tokenizer_source 'base' needs a base_model")
+        specs = [m.model for m in self.models] + [self.base_model or ""]
+        if self.tokenizer_source not in (None, "base", "first", *specs):
+            raise ValueError(
+                f"tokenizer_source '{self.tokenizer_source}' is neither 'base', 'first' nor a "
+                "model of the recipe"
+            )
         if self.max_shard_mb < 1:
             raise ValueError("max_shard_mb must be at least 1")
         return self
@@ -152,6 +162,10 @@ def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:
         return value
     if not isinstance(value, dict):
         raise GradfreeError("A merge recipe must be a mapping of fields (method, models, ...).")
+    from gradfree.merge.mergekit import is_mergekit, translate
+
+    if is_mergekit(value):
+        value = translate(value)
     return make_strict(MergeRecipe, value, noun="recipe", option="field", invalid="merge recipe")
 
 

@@ -80,6 +80,10 @@ class MergeMethod:
         self.params: Any = params
         self.model_params: list[Any] = list(model_params)
         self.stats: dict[str, Any] = {}  # method-specific diagnostics for the report
+        self.recipe: Any = None
+        self.dynamic = False  # parameters vary by layer or tensor name (mergekit gradients)
+        self.layers = 0
+        self._resolved: dict[tuple[str, float], tuple[BaseModel, list[BaseModel]]] = {}
 
     # description ------------------------------------------------------------------------------
     @classmethod
@@ -140,12 +144,6 @@ class MergeMethod:
             raise GradfreeError(f"Method '{cls.name}' needs a calibration section (its data).")
         if cls.needs_selection and recipe.selection is None:
             raise GradfreeError(f"Method '{cls.name}' needs a selection section (its metric).")
-        try:
-            params = cls.Params(**{k: v for k, v in recipe.parameters.items() if k in g_fields})
-        except ValidationError as e:
-            raise _invalid(cls.name, e, "") from None
-        defaults = {k: v for k, v in recipe.parameters.items() if k in m_fields}
-        per_model = []
         for i, entry in enumerate(recipe.models, 1):
             for key in entry.parameters:
                 if key not in m_fields:
@@ -154,13 +152,71 @@ class MergeMethod:
                         f"Method '{cls.name}' has no per-model parameter '{key}' (model {i}); "
                         f"per-model parameters: {allowed}."
                     )
-            try:
-                per_model.append(cls.ModelParams(**{**defaults, **entry.parameters}))
-            except ValidationError as e:
-                raise _invalid(cls.name, e, f" (model {i})") from None
+        dynamic = sorted(_dynamic_keys(recipe))
+        if dynamic and not issubclass(cls, TensorwiseMethod):
+            raise GradfreeError(
+                f"Method '{cls.name}' merges tensors together, so its parameters cannot vary "
+                f"by layer or tensor name ({', '.join(dynamic)})."
+            )
+        # every value a gradient or a filter can give is validated now, before any tensor
+        for key in dynamic:
+            for leaf in _all_leaves(recipe, key):
+                cls._build(
+                    recipe, lambda v, k, key=key, leaf=leaf: leaf if k == key else _first(v, k)
+                )
+        params, per_model = cls._build(recipe, _first)
         method = cls(params, per_model)
+        method.recipe = recipe
+        method.dynamic = bool(dynamic)
         method.check(recipe)
         return method
+
+    @classmethod
+    def _build(cls, recipe: MergeRecipe, pick: Any) -> tuple[BaseModel, list[BaseModel]]:
+        """The validated global and per-model parameters, each value resolved by ``pick``
+        (value, key) → scalar (None: the parameter's default)."""
+        g_fields, m_fields = cls.Params.model_fields, cls.ModelParams.model_fields
+
+        def resolved(items: dict[str, Any], fields: Any) -> dict[str, Any]:
+            out = {k: pick(v, k) for k, v in items.items() if k in fields}
+            return {k: v for k, v in out.items() if v is not None}
+
+        try:
+            params = cls.Params(**resolved(recipe.parameters, g_fields))
+        except ValidationError as e:
+            raise _invalid(cls.name, e, "") from None
+        defaults = resolved(recipe.parameters, m_fields)
+        per_model = []
+        for i, entry in enumerate(recipe.models, 1):
+            try:
+                per_model.append(
+                    cls.ModelParams(**{**defaults, **resolved(entry.parameters, m_fields)})
+                )
+            except ValidationError as e:
+                raise _invalid(cls.name, e, f" (model {i})") from None
+        return params, per_model
+
+    def place(self, names: Sequence[str]) -> None:
+        """Learn the tensor names before merging (the depth of each for gradients)."""
+        from gradfree.merge.settings import num_layers
+
+        self.layers = num_layers(names)
+
+    def use_tensor(self, name: str) -> None:
+        """Set ``params``/``model_params`` to their values for tensor ``name`` (recipes whose
+        parameters vary by layer or name; a no-op otherwise)."""
+        if not self.dynamic:
+            return
+        from gradfree.merge.settings import depth, evaluate
+
+        t = depth(name, self.layers)
+        rec = self.recipe
+        key = (name if _has_filters(rec) else "", t)
+        if key not in self._resolved:
+            built = self._build(rec, lambda v, k: evaluate(v, name, t, k))
+            self._resolved[key] = built
+        self.params, self.model_params = self._resolved[key]
+        self.check(rec)
 
     def check(self, recipe: MergeRecipe) -> None:
         """Method-specific consistency checks after validation (override when needed)."""
@@ -201,7 +257,11 @@ class TensorwiseMethod(MergeMethod):
         xs: dict[str, list[torch.Tensor]],
         base: dict[str, torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
-        return {n: self.merge_tensor(n, xs[n], None if base is None else base[n]) for n in names}
+        out = {}
+        for n in names:
+            self.use_tensor(n)
+            out[n] = self.merge_tensor(n, xs[n], None if base is None else base[n])
+        return out
 
     def merge_tensor(
         self, name: str, xs: list[torch.Tensor], base: torch.Tensor | None
@@ -210,6 +270,42 @@ class TensorwiseMethod(MergeMethod):
 
     def weights(self) -> list[float]:
         return [float(getattr(p, "weight", 1.0)) for p in self.model_params]
+
+
+def _first(value: Any, key: str) -> Any:
+    from gradfree.merge.settings import leaves
+
+    return next(iter(leaves(value, key)), None)
+
+
+def _dynamic_keys(recipe: MergeRecipe) -> set[str]:
+    from gradfree.merge.settings import is_dynamic
+
+    keys = {k for k, v in recipe.parameters.items() if is_dynamic(v)}
+    for e in recipe.models:
+        keys |= {k for k, v in e.parameters.items() if is_dynamic(v)}
+    return keys
+
+
+def _all_leaves(recipe: MergeRecipe, key: str) -> list[Any]:
+    from gradfree.merge.settings import leaves
+
+    found = []
+    for src in [recipe.parameters, *(e.parameters for e in recipe.models)]:
+        if key in src:
+            found += list(leaves(src[key], key))
+    return found
+
+
+def _has_filters(recipe: MergeRecipe) -> bool:
+    def has(v: Any) -> bool:
+        return isinstance(v, dict) or (isinstance(v, list) and any(has(e) for e in v))
+
+    return any(
+        has(v)
+        for src in [recipe.parameters, *(e.parameters for e in recipe.models)]
+        for v in src.values()
+    )
 
 
 METHODS: dict[str, type[MergeMethod]] = {}

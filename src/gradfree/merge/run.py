@@ -156,8 +156,11 @@ def merge(
         base = resolve_input(recipe.base_model, label)
     everyone = models + ([base] if base is not None else [])
     toks = _check_tokenizers(everyone)
-    use_base = (recipe.tokenizer_source or ("base" if base else "first")) == "base"
-    source = base if use_base and base is not None else models[0]
+    wanted = recipe.tokenizer_source or ("base" if base else "first")
+    if wanted not in ("base", "first"):  # a model of the recipe, by its spec (mergekit's form)
+        source = next(m for m in everyone if m.spec == wanted)
+    else:
+        source = base if wanted == "base" and base is not None else models[0]
     with quiet_transformers(progress=False):
         config = AutoConfig.from_pretrained(source.folder)
     in_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
@@ -234,6 +237,8 @@ def _write(
         from gradfree.models.fp8 import save_fp8_
 
         save_fp8_(None, tmp)
+    if ctx.recipe.chat_template is not None:
+        tokenizer.chat_template = ctx.recipe.chat_template
     tokenizer.save_pretrained(tmp)
     for extra in _TOKENIZER_EXTRA:
         if (source.folder / extra).is_file() and not (tmp / extra).exists():
@@ -301,6 +306,7 @@ def _stream(
 
     dist = [[0.0, 0.0] for _ in range(n_inputs)]
     writer = ShardWriter(tmp, ctx.recipe.max_shard_mb * 2**20)
+    method.place(ctx.names)
     groups = method.groups(ctx.names)
     for gi, group in enumerate(groups):
         xs = {n: [s.get(n).to(math_device, torch.float64) for s in ctx.sources] for n in group}

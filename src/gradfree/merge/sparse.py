@@ -39,13 +39,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``round(density · n)`` entries of largest |τ| (ties broken by
-    position, deterministically); density 1 keeps everything."""
+def magnitude_mask(tau: torch.Tensor, density: float, floor: bool = False) -> torch.Tensor:
+    """Boolean mask of the ``round(density · n)`` entries of largest |τ| (with ``floor``:
+    ``max(1, int(density · n))``, mergekit's count) (ties broken by position,
+    deterministically); density 1 keeps everything."""
     import torch
 
     n = tau.numel()
-    k = round(density * n)
+    k = max(1, int(density * n)) if floor else round(density * n)
     if k >= n:
         return torch.ones_like(tau, dtype=torch.bool)
     mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
@@ -62,9 +63,11 @@ def drop_seed(seed: int, model: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def dare(tau: torch.Tensor, density: float, seed: int) -> tuple[torch.Tensor, int]:
-    """Drop each entry with probability 1 − density, rescale survivors by 1/density (DARE).
-    Returns (sparsified τ, entries kept). Density 1 returns τ itself."""
+def dare(
+    tau: torch.Tensor, density: float, seed: int, rescale: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Drop each entry with probability 1 − density, rescale survivors by 1/density (DARE;
+    not with ``rescale`` False). Returns (sparsified τ, entries kept). Density 1 returns τ."""
     import torch
 
     if density >= 1.0:
@@ -72,7 +75,8 @@ def dare(tau: torch.Tensor, density: float, seed: int) -> tuple[torch.Tensor, in
     g = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.rand(tau.shape, generator=g, dtype=torch.float64) < density
     keep = keep.to(tau.device)
-    return torch.where(keep, tau / density, torch.zeros_like(tau)), int(keep.sum())
+    kept = tau / density if rescale else tau
+    return torch.where(keep, kept, torch.zeros_like(tau)), int(keep.sum())
 
 
 def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -94,12 +98,12 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
 
 
 def magprune(
-    tau: torch.Tensor, density: float, epsilon: float, seed: int
+    tau: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool = True
 ) -> tuple[torch.Tensor, int]:
     """DELLA's MagPrune: per row (a 1-D tensor is one row), the entry of magnitude rank r
     (0 = smallest, of n) is kept with probability ``q = density − ε + 2ε · r/(n − 1)`` and
-    rescaled by 1/q, so E[result] = τ and the mean keep rate is ``density``. Returns (result,
-    entries kept)."""
+    rescaled by 1/q (unless ``rescale`` is False), so E[result] = τ and the mean keep rate is
+    ``density``. Returns (result, entries kept)."""
     import torch
 
     if density >= 1.0:
@@ -113,7 +117,8 @@ def magprune(
     q = (density - epsilon) + 2.0 * epsilon * frac
     g = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.rand(rows.shape, generator=g, dtype=torch.float64).to(rows.device) < q
-    out = torch.where(keep, rows / q.to(rows.dtype), torch.zeros_like(rows))
+    kept = rows / q.to(rows.dtype) if rescale else rows
+    out = torch.where(keep, kept, torch.zeros_like(rows))
     return out.reshape(tau.shape), int(keep.sum())
 
 
@@ -139,10 +144,14 @@ def sign_consensus(
     return mixed, conflict
 
 
+_RESCALE = "DARE/DELLA: divide survivors by their keep probability (no effect elsewhere)"
+
+
 class TaskParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scaling: float = Field(1.0, description="λ: how much of the combined task vector is added")
     normalize: bool = Field(True, description="average agreeing entries (sign consensus only)")
+    rescale: bool = Field(True, description=_RESCALE)
 
 
 class TaskModelParams(BaseModel):
@@ -164,6 +173,8 @@ class MagPruneModelParams(TaskModelParams):
 class TaskArithmeticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scaling: float = Field(1.0, description="λ: how much of the summed task vector is added")
+    normalize: bool = Field(False, description="divide the sum by the sum of the weights")
+    rescale: bool = Field(True, description=_RESCALE)
 
 
 class WeightOnly(BaseModel):
@@ -183,10 +194,12 @@ class GeneralizedTaskArithmetic(TensorwiseMethod):
     def __init__(self, params: BaseModel, model_params: Sequence[BaseModel]) -> None:
         super().__init__(params, model_params)
         self.seed = 0
+        self.floor_count = False  # mergekit's max(1, int(density·n)) for TIES' trim
         self.stats = {"entries": 0, "kept": 0, "sign_conflicts": 0}
 
     def check(self, recipe: Any) -> None:
         self.seed = int(recipe.seed)
+        self.floor_count = getattr(recipe, "dialect", "gradfree") == "mergekit"
         if self.sparsify == "magprune":
             for i, p in enumerate(self.model_params, 1):
                 if p.density < 1.0 and not 0.0 < p.density - p.epsilon < p.density + p.epsilon < 1:
@@ -208,16 +221,18 @@ class GeneralizedTaskArithmetic(TensorwiseMethod):
             tau = x - base
             density = float(getattr(p, "density", 1.0))
             kept = tau.numel()
+            rescale = bool(getattr(self.params, "rescale", True))
             if self.sparsify == "magnitude":
-                mask = magnitude_mask(tau, density)
+                mask = magnitude_mask(tau, density, self.floor_count)
                 tau, kept = tau * mask, int(mask.sum())
             elif self.sparsify == "random":
-                tau, kept = dare(tau, density, drop_seed(self.seed, i, name))
+                tau, kept = dare(tau, density, drop_seed(self.seed, i, name), rescale)
             elif self.sparsify == "outliers":
                 mask = outlier_mask(tau, density, float(p.gamma))
                 tau, kept = tau * mask, int(mask.sum())
             elif self.sparsify == "magprune":
-                tau, kept = magprune(tau, density, float(p.epsilon), drop_seed(self.seed, i, name))
+                seed = drop_seed(self.seed, i, name)
+                tau, kept = magprune(tau, density, float(p.epsilon), seed, rescale)
             self.stats["entries"] += tau.numel()
             self.stats["kept"] += kept
             taus.append(tau)
@@ -226,6 +241,9 @@ class GeneralizedTaskArithmetic(TensorwiseMethod):
             self.stats["sign_conflicts"] += int(conflict.sum())
         else:
             merged = sum((w * t for t, w in zip(taus, weights, strict=True) if w != 0.0), base * 0)
+            total = sum(weights)
+            if getattr(self.params, "normalize", False) and abs(total) > 1e-8:
+                merged = merged / total
         return base + scaling * merged
 
     def summary(self) -> dict[str, Any]:

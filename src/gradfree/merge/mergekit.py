@@ -1,0 +1,170 @@
+"""Read mergekit's YAML recipes as they are (issue 18 part 1).
+
+:func:`translate` turns a mergekit mapping (it has ``merge_method``) into gradfree's own recipe
+fields and lists what it did, so that a recipe means here what it means in mergekit:
+
+* ``merge_method`` → ``method``; ``base_model`` stays; a model listed under ``models`` that is
+  the base model is the base (mergekit's convention), not an input.
+* ``slerp``: mergekit measures ``t`` from the base model, so the inputs become [base, other].
+* task-vector methods: ``lambda`` → ``scaling``; ``normalize`` takes mergekit's default per
+  method when absent (``ties`` and ``della`` true, the others false: ``dare_ties`` is *not*
+  normalised there); TIES-style trims keep ``max(1, int(density·n))`` entries (the recipe's
+  ``dialect: mergekit``); ``rescale`` keeps its meaning for DARE/DELLA (survivors divided by
+  their keep probability here, mergekit matches the L1 norm instead: a documented difference);
+  ``int8_mask`` is accepted and has no effect (a memory saving of mergekit's masks; masks are
+  booleans here).
+* ``dtype`` is mergekit's compute dtype; gradfree always computes in float64 (a documented
+  difference), so it only sets the output dtype when ``out_dtype`` is absent.
+* ``tokenizer_source``: ``base``, a model of the recipe, or ``union`` (the inputs' tokenizers
+  must be identical here, so the union is that tokenizer); ``tokenizer: {source: ...}``;
+  ``chat_template`` (``auto`` keeps the template, any Jinja text replaces it).
+* per-layer gradients and ``filter:`` conditions pass through unchanged
+  (:mod:`gradfree.merge.settings` applies mergekit's rules).
+
+``slices:`` (frankenmerges through ``passthrough``) are not read yet: one sentence says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradfree.base.errors import GradfreeError
+
+# mergekit's default of ``normalize`` per task-vector method (its generalized task arithmetic)
+NORMALIZE = {
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_ties": False,
+    "dare_linear": False,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": False,
+}
+TOP_LEVEL = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "slices",
+}
+
+
+def is_mergekit(data: dict[str, Any]) -> bool:
+    return "merge_method" in data
+
+
+def _spec(model: Any) -> str:
+    if isinstance(model, str):
+        return model
+    if isinstance(model, dict) and isinstance(model.get("model"), str):
+        return str(model["model"])
+    raise GradfreeError("Each mergekit model entry needs a 'model' (a name or a folder).")
+
+
+def translate(data: dict[str, Any]) -> dict[str, Any]:
+    """The gradfree recipe fields of a mergekit recipe, with ``translation`` listing every
+    change of meaning (recorded in the output)."""
+    if "method" in data:
+        raise GradfreeError(
+            "The recipe mixes gradfree's 'method' with mergekit's 'merge_method'; use one."
+        )
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise GradfreeError(
+            f"Unknown mergekit recipe field '{unknown[0]}'; fields read: "
+            f"{', '.join(sorted(TOP_LEVEL))}."
+        )
+    if "slices" in data:
+        raise GradfreeError(
+            "mergekit 'slices:' recipes (frankenmerges) are not supported yet; list whole "
+            "models under 'models:'."
+        )
+    method = str(data["merge_method"])
+    notes: list[str] = ["read as a mergekit recipe"]
+    base = data.get("base_model")
+    base = None if base is None else _spec(base)
+    models = []
+    for m in data.get("models") or []:
+        params = {} if isinstance(m, str) else dict(m.get("parameters") or {})
+        entry = {"model": _spec(m), "parameters": params}
+        if base is not None and entry["model"] == base:
+            notes.append(f"{base} is listed under models and is the base model")
+            continue
+        models.append(entry)
+    params = dict(data.get("parameters") or {})
+    out: dict[str, Any] = {"dialect": "mergekit"}
+    if method == "slerp":
+        if base is None:
+            raise GradfreeError("mergekit's slerp needs a base_model: t is measured from it.")
+        models = [{"model": base, "parameters": {}}, *models]
+        base = None
+        notes.append("slerp: inputs [base, other], t = 0 is the base model as in mergekit")
+    if method in NORMALIZE:
+        if "lambda" in params:
+            params["scaling"] = params.pop("lambda")
+        if params.pop("int8_mask", None) is not None:
+            notes.append("int8_mask has no effect here (masks are booleans)")
+        params.setdefault("normalize", NORMALIZE[method])
+        if method == "task_arithmetic" and params["normalize"] is False:
+            params.pop("normalize")  # gradfree's task arithmetic sums, as mergekit's
+        if params.get("rescale") and method.startswith("breadcrumbs"):
+            raise GradfreeError(
+                f"mergekit's 'rescale' for {method} (an L1-norm rescale) is not supported here."
+            )
+        if "rescale" in params and not method.startswith(("dare", "della")):
+            params.pop("rescale")
+    out |= {"method": method, "models": models, "parameters": params}
+    if base is not None:
+        out["base_model"] = base
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    if out_dtype is not None or dtype is not None:
+        out["dtype"] = out_dtype if out_dtype is not None else dtype
+        if dtype is not None:
+            notes.append(f"compute dtype {dtype} read as float64 (gradfree computes in float64)")
+    out |= _tokenizer(data, base, models, notes)
+    out["translation"] = notes
+    return out
+
+
+def _tokenizer(
+    data: dict[str, Any], base: str | None, models: list[dict[str, Any]], notes: list[str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    source = data.get("tokenizer_source")
+    block = data.get("tokenizer")
+    if block is not None:
+        if not isinstance(block, dict) or set(block) - {"source"}:
+            raise GradfreeError(
+                "Only 'tokenizer: {source: ...}' is read from a mergekit tokenizer block; token "
+                "edits are not supported."
+            )
+        source = block.get("source", source)
+    if source == "union":
+        notes.append("tokenizer_source union: the inputs' tokenizers must be identical here")
+        source = None
+    if source is not None:
+        known = [m["model"] for m in models] + ([base] if base else [])
+        if source != "base" and source not in known:
+            raise GradfreeError(
+                f"The tokenizer source '{source}' is not a model of the recipe (nor 'base' or "
+                "'union')."
+            )
+        out["tokenizer_source"] = source
+    template = data.get("chat_template")
+    if template is not None and template != "auto":
+        if "{%" not in str(template) and "{{" not in str(template):
+            raise GradfreeError(
+                f"The chat template '{template}' is neither 'auto' nor a Jinja template; named "
+                "templates are not bundled here."
+            )
+        out["chat_template"] = str(template)
+    return out
+
+
+__all__ = ["NORMALIZE", "is_mergekit", "translate"]
