@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from gradfree.base.errors import GradfreeError
 from gradfree.merge import load_recipe, merge
 from gradfree.testing.tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -415,7 +416,9 @@ def test_cli_merges_a_recipe(work: Path, tmp_path: Path, run_cli) -> None:
         ({"method": "linear", "models": ["a", "missing"]}, "'{root}/missing' is not a known model"),
         (
             {"method": "linear", "models": ["a", "wide"]},
-            "Tensor 'model.layers.0.mlp.down_proj.weight' has shape [64, 96] in model {root}/a but",
+            "{root}/a and {root}/wide are one family with one tokenizer but different sizes "
+            "(intermediate_size 96 vs 80), which weight merging cannot combine; move the larger "
+            "one's knowledge into the smaller with `gradfree distill-head --teacher {root}/a",
         ),
         (
             {"method": "linear", "models": ["a", "tied2"]},
@@ -485,3 +488,32 @@ def test_ties_end_to_end_matches_an_elementwise_reference(work: Path, tmp_path: 
         ref.append(sum(v for v, _ in agree) / sum(w for _, w in agree) if agree and total else 0.0)
     expected = w0 + 0.8 * torch.tensor(ref, dtype=torch.float64)
     assert torch.allclose(_weights(tmp_path / "t")[name].flatten(), expected, atol=1e-12)
+
+
+def test_outputs_copy_tokenizer_files_byte_for_byte_and_carry_a_model_card(
+    work: Path, tmp_path: Path
+) -> None:
+    a, b = str(work / "a"), str(work / "b")
+    merge({"method": "linear", "models": [a, b]}, tmp_path / "out", say=lambda m: None)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (work / "a" / f).exists():
+            assert (tmp_path / "out" / f).read_bytes() == (work / "a" / f).read_bytes(), f
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\n") and "# Merged with gradfree: linear" in card
+    assert "method: linear" in card and a in card
+
+
+def test_an_input_without_tokenizer_files(work: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(work / "b", bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    a = str(work / "a")
+    merge({"method": "linear", "models": [a, str(bare)]}, tmp_path / "ok", say=lambda m: None)
+    assert (tmp_path / "ok" / "tokenizer.json").exists()  # from the first model
+    with pytest.raises(GradfreeError, match="has no tokenizer files") as e:
+        merge({"method": "linear", "models": [str(bare), a]}, tmp_path / "no", say=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "no").exists()

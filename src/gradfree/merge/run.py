@@ -28,7 +28,18 @@ from gradfree.merge.recipe import EvalSpec, MergeRecipe, make_recipe, measure, r
 from gradfree.merge.registry import MergeMethod, get_method
 from gradfree.merge.tensors import ShardWriter, check_same_shapes, open_sources
 
-_TOKENIZER_EXTRA = ("chat_template.jinja",)
+# the tokenizer's files, copied byte for byte from the tokenizer source (as mergekit does):
+# re-saving through transformers adds keys (is_local, local_files_only) the input never had
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 @dataclass
@@ -79,21 +90,103 @@ def _fingerprint(m: InputModel) -> dict[str, Any]:
     return fingerprint(resolve_model(str(m.folder)), meta, tok, dtype)
 
 
-def _check_tokenizers(models: list[InputModel]) -> Any:
+def _load_tokenizer(m: InputModel) -> Any:
+    """The tokenizer of an input, or None when its folder holds no tokenizer files."""
     from transformers import AutoTokenizer
 
     from gradfree.models.fetch import quiet_transformers
 
-    with quiet_transformers(progress=False):
-        toks = [AutoTokenizer.from_pretrained(m.folder) for m in models]
-    vocab = toks[0].get_vocab()
-    for m, t in zip(models[1:], toks[1:], strict=True):
+    if not any((m.folder / f).is_file() for f in TOKENIZER_FILES[:-1]):
+        return None
+    try:
+        with quiet_transformers(progress=False):
+            return AutoTokenizer.from_pretrained(m.folder)
+    except (OSError, ValueError) as e:
+        raise GradfreeError(
+            f"The tokenizer of model {m.label} in {m.folder} cannot be read ({type(e).__name__})."
+        ) from None
+
+
+def _check_tokenizers(models: list[InputModel], source: InputModel) -> list[Any]:
+    """Every input's tokenizer (None: the folder has none, allowed unless it is the source),
+    all with one vocabulary."""
+    toks = [_load_tokenizer(m) for m in models]
+    if toks[models.index(source)] is None:
+        raise GradfreeError(
+            f"Model {source.label} has no tokenizer files in {source.folder}; name another "
+            "model as tokenizer_source or add them."
+        )
+    have = [(m, t) for m, t in zip(models, toks, strict=True) if t is not None]
+    vocab = have[0][1].get_vocab()
+    for m, t in have[1:]:
         if t.get_vocab() != vocab:
             raise GradfreeError(
-                f"The tokenizer of model {m.label} differs from that of model {models[0].label}; "
+                f"The tokenizer of model {m.label} differs from that of model {have[0][0].label}; "
                 "merged weights need one tokenizer."
             )
     return toks
+
+
+def _different_sizes(models: list[InputModel]) -> GradfreeError | None:
+    """The sentence for inputs of one family and tokenizer but different sizes (mergekit's most
+    asked-for merge): what gradfree does instead, or None when the sizes agree."""
+    from transformers import AutoConfig
+
+    from gradfree.models.fetch import quiet_transformers
+
+    with quiet_transformers(progress=False):
+        cfgs = [AutoConfig.from_pretrained(m.folder) for m in models]
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+    sizes = [tuple(getattr(c, k, None) for k in keys) for c in cfgs]
+    if len(set(sizes)) == 1 or len({c.model_type for c in cfgs}) != 1:
+        return None
+    big = max(range(len(models)), key=lambda i: sizes[i])
+    small = min(range(len(models)), key=lambda i: sizes[i])
+    a, b = models[big], models[small]
+    differ = ", ".join(
+        f"{k} {x} vs {y}" for k, x, y in zip(keys, sizes[big], sizes[small], strict=True) if x != y
+    )
+    return GradfreeError(
+        f"Models {a.label} and {b.label} are one family with one tokenizer but different sizes "
+        f"({differ}), which weight merging cannot combine; move the larger one's knowledge into "
+        f"the smaller with `gradfree distill-head --teacher {a.spec} --student {b.spec}` (the "
+        "one such transfer measured to help, docs/RESULTS.md) or `gradfree compress`."
+    )
+
+
+def _model_card(record: dict[str, Any], recipe: Any) -> str:
+    """README.md of the output: what was merged, how, and from what (as mergekit writes one)."""
+    m = record["method"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, gradfree]",
+        "---",
+        "",
+        f"# Merged with gradfree: {m['name']}",
+        "",
+        f"{m['description']} ({m['reference_url']}).",
+        "",
+        "## Inputs",
+        "",
+        *(
+            f"- {i['role']}: `{i['spec']}`"
+            + (f" (sha256 {i['fingerprint'].get('sha256', '')[:12]})" if i["fingerprint"] else "")
+            for i in record["inputs"]
+        ),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_yaml(recipe).rstrip(),
+        "```",
+        "",
+        f"Output dtype {record['output']['dtype']}, {record['output']['tensors']} tensors; "
+        f"computed in float64 by gradfree {record['versions'].get('gradfree', '')}. "
+        "Provenance and timings: `merge.json`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _math_device(device: str) -> str:
@@ -155,19 +248,22 @@ def merge(
         label = recipe.base_model if recipe.base_model not in specs else f"{recipe.base_model}#base"
         base = resolve_input(recipe.base_model, label)
     everyone = models + ([base] if base is not None else [])
-    toks = _check_tokenizers(everyone)
     wanted = recipe.tokenizer_source or ("base" if base else "first")
     if wanted not in ("base", "first"):  # a model of the recipe, by its spec (mergekit's form)
         source = next(m for m in everyone if m.spec == wanted)
     else:
         source = base if wanted == "base" and base is not None else models[0]
+    toks = _check_tokenizers(everyone, source)
     with quiet_transformers(progress=False):
         config = AutoConfig.from_pretrained(source.folder)
     in_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     default = in_dtype if in_dtype in ("float32", "float64", "bfloat16", "float16") else "float32"
     recipe = make_recipe({**recipe.model_dump(), "dtype": recipe.dtype or default})
     with open_sources([(str(m.folder), m.label) for m in everyone]) as sources:
-        names = check_same_shapes(sources)  # headers only, before anything is written
+        try:
+            names = check_same_shapes(sources)  # headers only, before anything is written
+        except GradfreeError as e:
+            raise _different_sizes(everyone) or e from None
         for m in everyone:
             m.fingerprint = _fingerprint(m)
         with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -237,12 +333,14 @@ def _write(
         from gradfree.models.fp8 import save_fp8_
 
         save_fp8_(None, tmp)
-    if ctx.recipe.chat_template is not None:
-        tokenizer.chat_template = ctx.recipe.chat_template
-    tokenizer.save_pretrained(tmp)
-    for extra in _TOKENIZER_EXTRA:
-        if (source.folder / extra).is_file() and not (tmp / extra).exists():
-            shutil.copy2(source.folder / extra, tmp / extra)
+    copied = [f for f in TOKENIZER_FILES if (source.folder / f).is_file()]
+    if copied:
+        for f in copied:
+            shutil.copyfile(source.folder / f, tmp / f)
+    else:  # a tokenizer without files of its own (rare): let transformers write it
+        tokenizer.save_pretrained(tmp)
+    if ctx.recipe.chat_template is not None:  # the one edit: the recipe's chat template
+        (tmp / "chat_template.jinja").write_text(ctx.recipe.chat_template)
     with contextlib.suppress(OSError):  # the input may have no generation config
         GenerationConfig.from_pretrained(source.folder).save_pretrained(tmp)
     evaluation = None
@@ -288,6 +386,7 @@ def _write(
     }
     write_text_atomic(tmp / "merge_recipe.yaml", recipe_yaml(recipe))
     write_json_atomic(tmp / "merge.json", record)
+    write_text_atomic(tmp / "README.md", _model_card(record, recipe))
     write_text_atomic(tmp / "report.md", render_report(record, sw.table()))
     return record
 
