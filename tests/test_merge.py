@@ -517,3 +517,17 @@ def test_an_input_without_tokenizer_files(work: Path, tmp_path: Path) -> None:
     with pytest.raises(GradfreeError, match="has no tokenizer files") as e:
         merge({"method": "linear", "models": [str(bare), a]}, tmp_path / "no", say=lambda m: None)
     assert "\n" not in str(e.value) and not (tmp_path / "no").exists()
+
+
+def test_a_teacher_and_student_recipe_runs_the_head_distillation(
+    work: Path, tmp_path: Path
+) -> None:
+    """The merge mergekit users ask for (different sizes) runs what gradfree has for it."""
+    student = str(work / "a")
+    teacher = str(save_tiny(tmp_path / "teacher", "qwen2", seed=7, hidden_size=96))
+    recipe = {"method": "distill_head", "teacher": teacher, "student": student}
+    res = merge(recipe, tmp_path / "out", say=lambda m: None)
+    assert (tmp_path / "out" / "head.json").exists() and "validation_chosen" in res.record
+    assert (tmp_path / "out" / "merge_recipe.yaml").exists()
+    with pytest.raises(GradfreeError, match="method: distill_head' with a teacher and a student"):
+        merge({"method": "distill_head", "teacher": teacher}, tmp_path / "x", say=print)

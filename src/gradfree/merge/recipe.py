@@ -117,8 +117,12 @@ class MergeRecipe(_Strict):
     """A whole merge: method, inputs, parameters, seed, output dtype and data sections."""
 
     method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry] = []
     base_model: str | None = None
+    # models of different sizes (method distill_head): the larger one's logits distilled into
+    # the smaller one's LM head (gradfree distill-head), the one such transfer measured to help
+    teacher: str | None = None
+    student: str | None = None
     parameters: dict[str, Any] = {}
     seed: int = 0
     dtype: DType | None = None  # None: the first model's dtype
@@ -141,6 +145,13 @@ class MergeRecipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeRecipe:
+        if self.method == "distill_head" or self.teacher or self.student:
+            if not (self.teacher and self.student) or self.models or self.method != "distill_head":
+                raise ValueError(
+                    "a different-size merge is 'method: distill_head' with a teacher and a "
+                    "student and no models"
+                )
+            return self
         if not self.models:
             raise ValueError("a recipe needs at least one model")
         if self.tokenizer_source == "base" and self.base_model is None:

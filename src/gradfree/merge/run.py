@@ -127,6 +127,33 @@ def _check_tokenizers(models: list[InputModel], source: InputModel) -> list[Any]
     return toks
 
 
+def _distill(
+    recipe: MergeRecipe,
+    out: str | Path,
+    device: str,
+    dtype: str | None,
+    overwrite: bool,
+    save_format: str,
+) -> MergeResult:
+    """A recipe naming a teacher and a student of different sizes: ``gradfree distill-head``
+    with its defaults (fit on 32 tour-guide calibration blurbs, choose on the next 12)."""
+    from gradfree.base.io import read_json, write_text_atomic
+    from gradfree.compress.head import run_distill_head
+
+    assert recipe.teacher is not None and recipe.student is not None
+    run_distill_head(
+        recipe.teacher,
+        recipe.student,
+        out,
+        device=device,
+        dtype=dtype or recipe.dtype or "float32",
+        overwrite=overwrite,
+        save_format=save_format,
+    )
+    write_text_atomic(Path(out) / "merge_recipe.yaml", recipe_yaml(recipe))
+    return MergeResult(Path(out), read_json(Path(out) / "head.json", "head record"))
+
+
 def _different_sizes(models: list[InputModel]) -> GradfreeError | None:
     """The sentence for inputs of one family and tokenizer but different sizes (mergekit's most
     asked-for merge): what gradfree does instead, or None when the sizes agree."""
@@ -149,8 +176,9 @@ def _different_sizes(models: list[InputModel]) -> GradfreeError | None:
     return GradfreeError(
         f"Models {a.label} and {b.label} are one family with one tokenizer but different sizes "
         f"({differ}), which weight merging cannot combine; move the larger one's knowledge into "
-        f"the smaller with `gradfree distill-head --teacher {a.spec} --student {b.spec}` (the "
-        "one such transfer measured to help, docs/RESULTS.md) or `gradfree compress`."
+        f"the smaller with `gradfree distill-head --teacher {a.spec} --student {b.spec}` (or "
+        "a recipe 'method: distill_head' with teacher and student; the one such transfer "
+        "measured to help, docs/RESULTS.md) or `gradfree compress`."
     )
 
 
@@ -235,6 +263,8 @@ def merge(
 
     recipe = make_recipe(recipe)
     check_weight_format(save_format)
+    if recipe.method == "distill_head":
+        return _distill(recipe, out, device, dtype, overwrite, save_format)
     if dtype is not None:
         recipe = make_recipe({**recipe.model_dump(), "dtype": dtype})
     method = get_method(recipe.method).configure(recipe)
