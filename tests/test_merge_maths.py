@@ -178,7 +178,7 @@ def _recipe(**kw: object) -> dict[str, object]:
     [
         (_recipe(method="tiez"), "Unknown merge method 'tiez' (did you mean 'ties'?)"),
         (_recipe(colour="red"), "Unknown recipe field 'colour'."),
-        ({"method": "linear"}, "missing the field 'models'"),
+        ({"method": "linear"}, "a recipe needs at least one model"),
         (_recipe(parameters={"densty": 0.5}), "Method 'linear' has no parameter 'densty'"),
         (
             _recipe(models=[{"model": "a", "parameters": {"t": 1}}]),

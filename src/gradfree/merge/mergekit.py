@@ -21,7 +21,8 @@ fields and lists what it did, so that a recipe means here what it means in merge
 * per-layer gradients and ``filter:`` conditions pass through unchanged
   (:mod:`gradfree.merge.settings` applies mergekit's rules).
 
-``slices:`` (frankenmerges through ``passthrough``) are not read yet: one sentence says so.
+* ``slices:`` (frankenmerges through ``passthrough``, or layer ranges merged by any
+  tensor-wise method): :mod:`gradfree.merge.slices`.
 """
 
 from __future__ import annotations
@@ -80,11 +81,6 @@ def translate(data: dict[str, Any]) -> dict[str, Any]:
             f"Unknown mergekit recipe field '{unknown[0]}'; fields read: "
             f"{', '.join(sorted(TOP_LEVEL))}."
         )
-    if "slices" in data:
-        raise GradfreeError(
-            "mergekit 'slices:' recipes (frankenmerges) are not supported yet; list whole "
-            "models under 'models:'."
-        )
     method = str(data["merge_method"])
     notes: list[str] = ["read as a mergekit recipe"]
     base = data.get("base_model")
@@ -99,7 +95,16 @@ def translate(data: dict[str, Any]) -> dict[str, Any]:
         models.append(entry)
     params = dict(data.get("parameters") or {})
     out: dict[str, Any] = {"dialect": "mergekit"}
-    if method == "slerp":
+    if data.get("slices") is not None:
+        if data.get("models"):
+            raise GradfreeError("A mergekit recipe gives either models or slices, not both.")
+        out["slices"] = _slices(data["slices"], base, method)
+        notes.append("slices: stacked layer ranges, embeddings from the first, head from the last")
+    if method == "slerp" and "slices" in out:
+        if base is None:
+            raise GradfreeError("mergekit's slerp needs a base_model: t is measured from it.")
+        base = None  # each slice's sources are [base, other] (see _slices)
+    elif method == "slerp":
         if base is None:
             raise GradfreeError("mergekit's slerp needs a base_model: t is measured from it.")
         models = [{"model": base, "parameters": {}}, *models]
@@ -129,6 +134,31 @@ def translate(data: dict[str, Any]) -> dict[str, Any]:
             notes.append(f"compute dtype {dtype} read as float64 (gradfree computes in float64)")
     out |= _tokenizer(data, base, models, notes)
     out["translation"] = notes
+    return out
+
+
+def _slices(raw: Any, base: str | None, method: str) -> list[dict[str, Any]]:
+    """mergekit's slices as gradfree's (for slerp the base's source first in every slice)."""
+    if not isinstance(raw, list) or not raw:
+        raise GradfreeError("mergekit 'slices:' must be a non-empty list of {sources: [...]}.")
+    out = []
+    for i, sl in enumerate(raw, 1):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
+            raise GradfreeError(f"Slice {i} needs a list of sources (model, layer_range).")
+        srcs = []
+        for src in sl["sources"]:
+            if not isinstance(src, dict) or "layer_range" not in src:
+                raise GradfreeError(f"Every source of slice {i} needs a model and a layer_range.")
+            srcs.append(
+                {
+                    "model": _spec(src),
+                    "layer_range": src["layer_range"],
+                    "parameters": dict(src.get("parameters") or {}),
+                }
+            )
+        if method == "slerp":
+            srcs.sort(key=lambda s: s["model"] != base)
+        out.append({"sources": srcs})
     return out
 
 

@@ -42,6 +42,18 @@ class ModelEntry(_Strict):
     parameters: dict[str, Any] = {}
 
 
+class SliceSource(_Strict):
+    """One source of a slice: blocks ``layer_range = [start, end)`` of ``model``."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = {}
+
+
+class SliceSpec(_Strict):
+    sources: list[SliceSource]
+
+
 class CalibrationSpec(_Strict):
     """Text on which Fisher information or RegMean Gram matrices are measured."""
 
@@ -123,6 +135,9 @@ class MergeRecipe(_Strict):
     # the smaller one's LM head (gradfree distill-head), the one such transfer measured to help
     teacher: str | None = None
     student: str | None = None
+    # layer ranges stacked or merged (mergekit's slices:); the k-th non-base source of every
+    # slice is model k (gradfree.merge.slices)
+    slices: list[SliceSpec] | None = None
     parameters: dict[str, Any] = {}
     seed: int = 0
     dtype: DType | None = None  # None: the first model's dtype
@@ -152,6 +167,8 @@ class MergeRecipe(_Strict):
                     "student and no models"
                 )
             return self
+        if self.slices is not None:
+            self._slots()
         if not self.models:
             raise ValueError("a recipe needs at least one model")
         if self.tokenizer_source == "base" and self.base_model is None:
@@ -165,6 +182,42 @@ class MergeRecipe(_Strict):
         if self.max_shard_mb < 1:
             raise ValueError("max_shard_mb must be at least 1")
         return self
+
+    def _slots(self) -> None:
+        """Check the slices and set ``models`` to their slots (first slice's sources)."""
+        if not self.slices:
+            raise ValueError("slices must list at least one slice")
+        rows = []
+        for i, sl in enumerate(self.slices, 1):
+            for src in sl.sources:
+                a, b = src.layer_range
+                if not 0 <= a < b:
+                    raise ValueError(f"slice {i}: a layer_range is [start, end) with start < end")
+            own = [src for src in sl.sources if src.model != self.base_model]
+            if self.base_model is not None and len(own) != len(sl.sources) - 1:
+                raise ValueError(f"slice {i} must hold the base model's layers once")
+            rows.append(own)
+        if len({len(r) for r in rows}) != 1 or not rows[0]:
+            raise ValueError("every slice needs the same number of sources besides the base")
+        for r in rows[1:]:
+            if [s.parameters for s in r] != [s.parameters for s in rows[0]]:
+                raise ValueError("per-source parameters must be the same in every slice")
+        slots = [ModelEntry(model=s.model, parameters=s.parameters) for s in rows[0]]
+        if self.models and self.models != slots:  # a re-validated recipe has its slots already
+            raise ValueError("a recipe lists either models or slices, not both")
+        self.models = slots
+
+    def pieces(self, base: bool = False) -> list[list[Any]]:
+        """The slices as :class:`gradfree.merge.slices.Piece` lists: the slots', or (``base``)
+        the base model's one per slice."""
+        from gradfree.merge.slices import Piece
+
+        assert self.slices is not None
+        out = []
+        for sl in self.slices:
+            chosen = [s for s in sl.sources if (s.model == self.base_model) == base]
+            out.append([Piece(s.model, *s.layer_range) for s in chosen])
+        return out
 
 
 def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:

@@ -127,6 +127,123 @@ def _check_tokenizers(models: list[InputModel], source: InputModel) -> list[Any]
     return toks
 
 
+def _tokenizer_source(
+    recipe: MergeRecipe, everyone: list[InputModel], base: InputModel | None, first: InputModel
+) -> InputModel:
+    """The input whose tokenizer and config the output takes."""
+    wanted = recipe.tokenizer_source or ("base" if base else "first")
+    if wanted not in ("base", "first"):  # a model of the recipe, by its spec (mergekit's form)
+        return next(m for m in everyone if m.spec == wanted)
+    return base if wanted == "base" and base is not None else first
+
+
+def _config_and_dtype(recipe: MergeRecipe, source: InputModel) -> tuple[Any, MergeRecipe]:
+    """The source's config, and the recipe with its output dtype resolved (default: the
+    source's own)."""
+    from transformers import AutoConfig
+
+    from gradfree.models.fetch import quiet_transformers
+
+    with quiet_transformers(progress=False):
+        config = AutoConfig.from_pretrained(source.folder)
+    in_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    default = in_dtype if in_dtype in ("float32", "float64", "bfloat16", "float16") else "float32"
+    return config, make_recipe({**recipe.model_dump(), "dtype": recipe.dtype or default})
+
+
+def _compute_dtype(recipe: MergeRecipe) -> str:
+    return "float32" if recipe.dtype in ("float16", "bfloat16") else str(recipe.dtype)
+
+
+def _merge_sliced(
+    recipe: MergeRecipe,
+    method: MergeMethod,
+    out: Path,
+    math_device: str,
+    device: str,
+    overwrite: bool,
+    say: Callable[[str], None],
+    keep_statistics: bool,
+    save_format: str,
+) -> MergeResult:
+    """A recipe with ``slices``: each slot (:mod:`gradfree.merge.slices`) is read as one input."""
+    from transformers import AutoConfig
+
+    from gradfree.base.io import atomic_dir
+    from gradfree.merge.slices import SlicedSource, output_config
+    from gradfree.models.fetch import quiet_transformers
+
+    pieces, base_pieces = recipe.pieces(), recipe.pieces(base=True)
+    distinct = list(dict.fromkeys(p.model for row in pieces + base_pieces for p in row))
+    inputs = {spec: resolve_input(spec, spec) for spec in distinct}
+    base = inputs[recipe.base_model] if recipe.base_model is not None else None
+    first = inputs[pieces[0][0].model]
+    source = _tokenizer_source(recipe, list(inputs.values()), base, first)
+    toks = _check_tokenizers(list(inputs.values()), source)
+    config, recipe = _config_and_dtype(recipe, source)
+    with quiet_transformers(progress=False):
+        configs = {spec: AutoConfig.from_pretrained(m.folder) for spec, m in inputs.items()}
+    config = output_config(config, pieces, configs)
+    for m in inputs.values():
+        m.fingerprint = _fingerprint(m)
+
+    def describe(k: int, rows: list[list[Any]]) -> str:
+        return " + ".join(f"{r[k].model}[{r[k].start}:{r[k].end}]" for r in rows)
+
+    slots = [
+        InputModel(describe(k, pieces), f"slot {k + 1}", first.folder)
+        for k in range(len(pieces[0]))
+    ]
+    with open_sources([(str(m.folder), m.label) for m in inputs.values()]) as opened:
+        by_spec = dict(zip(inputs, opened, strict=True))
+        sources = [SlicedSource(m.label, k, pieces, by_spec) for k, m in enumerate(slots)]
+        base_source = None
+        base_slot = None
+        if base is not None:
+            base_slot = InputModel(describe(0, base_pieces), "base", base.folder)
+            base_source = SlicedSource("base", 0, base_pieces, by_spec)
+        names = sources[0].names()
+        for src in sources[1:] + ([base_source] if base_source else []):
+            for n in names:
+                if src.shape(n) != sources[0].shape(n):
+                    raise GradfreeError(
+                        f"Tensor '{n}' has shape {list(sources[0].shape(n))} in {slots[0].spec} "
+                        f"but {list(src.shape(n))} in {src.label}; the slices' sources must have "
+                        "the same shapes."
+                    )
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            ctx = MergeContext(
+                recipe=recipe,
+                models=slots,
+                base=base_slot,
+                sources=sources,  # type: ignore[arg-type]  # read like TensorSources
+                base_source=base_source,  # type: ignore[arg-type]
+                names=names,
+                device=device,
+                compute_dtype=_compute_dtype(recipe),
+                work=tmp / ".statistics",
+                say=say,
+                measurements={
+                    "slice_inputs": [
+                        {"spec": m.spec, "folder": str(m.folder), "fingerprint": m.fingerprint}
+                        for m in inputs.values()
+                    ]
+                },
+            )
+            record = _write(
+                ctx,
+                method,
+                tmp,
+                math_device,
+                config,
+                toks[list(inputs.values()).index(source)],
+                source,
+                keep_statistics,
+                save_format,
+            )
+    return MergeResult(out, record)
+
+
 def _distill(
     recipe: MergeRecipe,
     out: str | Path,
@@ -255,10 +372,8 @@ def merge(
     where models run for methods that need forward/backward passes. ``keep_statistics`` keeps
     the Fisher / Gram statistics in ``out/statistics``. ``save_format`` "fp8" writes the
     checkpoint in Qwen's block-FP8 format (:mod:`gradfree.models.fp8`)."""
-    from transformers import AutoConfig
 
     from gradfree.base.io import atomic_dir, check_new_output
-    from gradfree.models.fetch import quiet_transformers
     from gradfree.models.fp8 import check_weight_format
 
     recipe = make_recipe(recipe)
@@ -270,6 +385,10 @@ def merge(
     method = get_method(recipe.method).configure(recipe)
     out = check_new_output(Path(out), overwrite)
     math_device = _math_device(device)
+    if recipe.slices is not None:
+        return _merge_sliced(
+            recipe, method, out, math_device, device, overwrite, say, keep_statistics, save_format
+        )
     specs = [e.model for e in recipe.models]
     labels = [s if specs.count(s) == 1 else f"{s}#{i + 1}" for i, s in enumerate(specs)]
     models = [resolve_input(s, label) for s, label in zip(specs, labels, strict=True)]
@@ -278,17 +397,9 @@ def merge(
         label = recipe.base_model if recipe.base_model not in specs else f"{recipe.base_model}#base"
         base = resolve_input(recipe.base_model, label)
     everyone = models + ([base] if base is not None else [])
-    wanted = recipe.tokenizer_source or ("base" if base else "first")
-    if wanted not in ("base", "first"):  # a model of the recipe, by its spec (mergekit's form)
-        source = next(m for m in everyone if m.spec == wanted)
-    else:
-        source = base if wanted == "base" and base is not None else models[0]
+    source = _tokenizer_source(recipe, everyone, base, models[0])
     toks = _check_tokenizers(everyone, source)
-    with quiet_transformers(progress=False):
-        config = AutoConfig.from_pretrained(source.folder)
-    in_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    default = in_dtype if in_dtype in ("float32", "float64", "bfloat16", "float16") else "float32"
-    recipe = make_recipe({**recipe.model_dump(), "dtype": recipe.dtype or default})
+    config, recipe = _config_and_dtype(recipe, source)
     with open_sources([(str(m.folder), m.label) for m in everyone]) as sources:
         try:
             names = check_same_shapes(sources)  # headers only, before anything is written
@@ -305,9 +416,7 @@ def merge(
                 base_source=sources[-1] if base is not None else None,
                 names=names,
                 device=device,
-                compute_dtype="float32"
-                if recipe.dtype in ("float16", "bfloat16")
-                else str(recipe.dtype),
+                compute_dtype=_compute_dtype(recipe),
                 work=tmp / ".statistics",
                 say=say,
             )
@@ -408,6 +517,7 @@ def _write(
             for m, (d2, x2) in zip(everyone, dist, strict=True)
         },
         "method_summary": method.summary(),
+        **({"slice_inputs": ctx.measurements["slice_inputs"]} if ctx.recipe.slices else {}),
         "evaluation": evaluation,
         "device": ctx.device,
         "timings": sw.rows,
