@@ -75,6 +75,8 @@ def test_a_mergekit_ties_recipe_is_translated_with_mergekits_defaults() -> None:
         {"merge_method": "linear", "models": ["a"], "dtype": "float16", "out_dtype": "float32"}
     )
     assert out.dtype == "float32"
+    chat = make_recipe({"merge_method": "linear", "models": ["a"], "chat_template": "chatml"})
+    assert chat.chat_template is not None and "<|im_start|>" in chat.chat_template
 
 
 @pytest.mark.parametrize(
@@ -88,10 +90,10 @@ def test_a_mergekit_ties_recipe_is_translated_with_mergekits_defaults() -> None:
             {"merge_method": "linear", "models": ["a"], "tokenizer_source": "zzz"},
             "not a model of the recipe",
         ),
-        ({"merge_method": "linear", "models": ["a"], "chat_template": "chatml"}, "neither 'auto'"),
+        ({"merge_method": "linear", "models": ["a"], "chat_template": "vicuna"}, "neither .auto."),
         (
-            {"merge_method": "linear", "models": ["a"], "tokenizer": {"tokens": {}}},
-            "token edits",
+            {"merge_method": "linear", "models": ["a"], "tokenizer": {"pad_to_multiple_of": 8}},
+            "pad_to_multiple_of",
         ),
     ],
 )
@@ -315,3 +317,46 @@ def test_the_frankenmerge_matches_mergekit(work: Path, tmp_path: Path) -> None:
             raise
     theirs, ours = _w(tmp_path / "mk"), _w(tmp_path / "gf")
     assert theirs.keys() == ours.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_max_shard_size_in_transformers_form() -> None:
+    r = make_recipe({"merge_method": "linear", "models": ["a"], "max_shard_size": "5GB"})
+    assert r.max_shard_mb == 5 * 10**9 // 2**20
+    assert (
+        make_recipe({"method": "linear", "models": ["a"], "max_shard_size": "3MiB"}).max_shard_mb
+        == 3
+    )
+    with pytest.raises(GradfreeError, match="not a size"):
+        make_recipe({"method": "linear", "models": ["a"], "max_shard_size": "big"})
+    assert (
+        make_recipe({"method": "linear", "models": ["a"], "max_shard_size": 2**21}).max_shard_mb
+        == 2
+    )
+
+
+def test_token_sources_keep_one_models_rows(work: Path, tmp_path: Path) -> None:
+    from gradfree.testing.tiny import tiny_tokenizer
+
+    a, b = str(work / "a"), str(work / "b")
+    tok = tiny_tokenizer()
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": a, "parameters": {"weight": 1}},
+            {"model": b, "parameters": {"weight": 1}},
+        ],
+        "tokenizer": {
+            "source": a,
+            "tokens": {"<eos>": {"source": b}, "<pad>": {"source": {"kind": "zero"}}},
+        },
+    }
+    merge(recipe, tmp_path / "out", say=lambda m: None)
+    got, wa, wb = _w(tmp_path / "out"), _w(work / "a"), _w(work / "b")
+    eos, pad, x = tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<pad>"), 65
+    for n in [k for k in got if "embed_tokens" in k or k.startswith("lm_head")]:
+        assert torch.equal(got[n][eos], wb[n][eos]) and not got[n][pad].any()
+        assert torch.allclose(got[n][x], (wa[n][x] + wb[n][x]) / 2)
+    with pytest.raises(GradfreeError, match="not a model of the recipe"):
+        make_recipe({**recipe, "tokenizer": {"tokens": {"<eos>": {"source": "zzz"}}}})
+    with pytest.raises(GradfreeError, match="pad_to_multiple_of"):
+        make_recipe({**recipe, "tokenizer": {"pad_to_multiple_of": 64}})

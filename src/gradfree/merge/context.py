@@ -40,6 +40,8 @@ class MergeContext:
     work: Path  # scratch folder inside the output's temporary folder
     say: Callable[[str], None] = print
     measurements: dict[str, Any] = field(default_factory=dict)
+    # (token id, the source whose embedding/head row it keeps; None: a zero row)
+    token_rows: list[tuple[int, Any]] = field(default_factory=list)
 
     def load(self, i: int) -> LoadedModel:
         """Input model ``i`` on the merge's device, in the compute dtype."""

@@ -18,6 +18,8 @@ fields and lists what it did, so that a recipe means here what it means in merge
 * ``tokenizer_source``: ``base``, a model of the recipe, or ``union`` (the inputs' tokenizers
   must be identical here, so the union is that tokenizer); ``tokenizer: {source: ...}``;
   ``chat_template`` (``auto`` keeps the template, any Jinja text replaces it).
+* ``tokenizer: {tokens: {TOKEN: {source: MODEL | {kind: zero}}}}``: that token's embedding
+  and head rows are taken from one model (or zeroed) instead of merged.
 * per-layer gradients and ``filter:`` conditions pass through unchanged
   (:mod:`gradfree.merge.settings` applies mergekit's rules).
 
@@ -42,6 +44,14 @@ NORMALIZE = {
     "della": True,
     "della_linear": False,
 }
+# the named templates read here (the ChatML layout; other names: pass the Jinja text itself)
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
 TOP_LEVEL = {
     "merge_method",
     "base_model",
@@ -53,6 +63,7 @@ TOP_LEVEL = {
     "tokenizer",
     "chat_template",
     "slices",
+    "max_shard_size",
 }
 
 
@@ -132,7 +143,11 @@ def translate(data: dict[str, Any]) -> dict[str, Any]:
         out["dtype"] = out_dtype if out_dtype is not None else dtype
         if dtype is not None:
             notes.append(f"compute dtype {dtype} read as float64 (gradfree computes in float64)")
-    out |= _tokenizer(data, base, models, notes)
+    if data.get("max_shard_size") is not None:
+        out["max_shard_size"] = data["max_shard_size"]
+    known = [str(m["model"]) for m in models] + ([base] if base else [])
+    known += [str(s["model"]) for sl in out.get("slices", []) for s in sl["sources"]]
+    out |= _tokenizer(data, known, notes)
     out["translation"] = notes
     return out
 
@@ -162,24 +177,23 @@ def _slices(raw: Any, base: str | None, method: str) -> list[dict[str, Any]]:
     return out
 
 
-def _tokenizer(
-    data: dict[str, Any], base: str | None, models: list[dict[str, Any]], notes: list[str]
-) -> dict[str, Any]:
+def _tokenizer(data: dict[str, Any], known: list[str], notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     source = data.get("tokenizer_source")
     block = data.get("tokenizer")
     if block is not None:
-        if not isinstance(block, dict) or set(block) - {"source"}:
+        if not isinstance(block, dict) or set(block) - {"source", "tokens"}:
             raise GradfreeError(
-                "Only 'tokenizer: {source: ...}' is read from a mergekit tokenizer block; token "
-                "edits are not supported."
+                "A mergekit tokenizer block is read for 'source' and 'tokens' only "
+                "(pad_to_multiple_of and other keys are not supported)."
             )
         source = block.get("source", source)
+        if block.get("tokens"):
+            out["token_sources"] = _token_sources(block["tokens"], known, notes)
     if source == "union":
         notes.append("tokenizer_source union: the inputs' tokenizers must be identical here")
         source = None
     if source is not None:
-        known = [m["model"] for m in models] + ([base] if base else [])
         if source != "base" and source not in known:
             raise GradfreeError(
                 f"The tokenizer source '{source}' is not a model of the recipe (nor 'base' or "
@@ -188,12 +202,39 @@ def _tokenizer(
         out["tokenizer_source"] = source
     template = data.get("chat_template")
     if template is not None and template != "auto":
+        template = CHAT_TEMPLATES.get(str(template), template)
         if "{%" not in str(template) and "{{" not in str(template):
             raise GradfreeError(
-                f"The chat template '{template}' is neither 'auto' nor a Jinja template; named "
-                "templates are not bundled here."
+                f"The chat template '{template}' is neither 'auto', a bundled name "
+                f"({', '.join(CHAT_TEMPLATES)}) nor a Jinja template."
             )
         out["chat_template"] = str(template)
+    return out
+
+
+def _token_sources(tokens: Any, known: list[str], notes: list[str]) -> dict[str, str]:
+    """mergekit's per-token embedding sources: token → a model of the recipe, or "zero"."""
+    if not isinstance(tokens, dict):
+        raise GradfreeError("The tokenizer block's 'tokens' must map tokens to their sources.")
+    out = {}
+    for tok, spec in tokens.items():
+        src = spec.get("source") if isinstance(spec, dict) else None
+        if isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero":
+                src = "zero"
+            elif kind == "model_token" and src.get("token", tok) == tok:
+                src = src.get("model")
+            else:
+                raise GradfreeError(
+                    f"The source of token '{tok}' must be a model, zero, or the same token of a "
+                    "model (tokenizers are identical here)."
+                )
+        if src != "zero" and src not in known:
+            raise GradfreeError(f"The source of token '{tok}' is not a model of the recipe.")
+        if isinstance(spec, dict) and spec.get("force") is not None:
+            notes.append(f"token {tok}: force has no effect (one vocabulary)")
+        out[str(tok)] = str(src)
     return out
 
 

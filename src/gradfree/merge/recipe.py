@@ -144,12 +144,16 @@ class MergeRecipe(_Strict):
     # None: base if given, else first; or the spec of one of the recipe's models
     tokenizer_source: str | None = None
     chat_template: str | None = None  # a Jinja chat template written with the tokenizer
+    # token → the model whose embedding and head rows it keeps (or "zero"), not merged
+    token_sources: dict[str, str] = {}
     dialect: Literal["gradfree", "mergekit"] = "gradfree"  # whose defaults the method follows
     translation: list[str] = []  # what reading a mergekit recipe changed (recorded)
     calibration: CalibrationSpec | None = None
     selection: EvalSpec | None = None
     evaluate: EvalSpec | None = None
     max_shard_mb: int = 2048
+    # transformers' / mergekit's form of the same limit ("5GB", "500MB" or bytes); wins if given
+    max_shard_size: str | int | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -174,11 +178,18 @@ class MergeRecipe(_Strict):
         if self.tokenizer_source == "base" and self.base_model is None:
             raise ValueError("tokenizer_source 'base' needs a base_model")
         specs = [m.model for m in self.models] + [self.base_model or ""]
+        specs += [s.model for sl in self.slices or [] for s in sl.sources]
+        for tok, src in self.token_sources.items():
+            if src != "zero" and src not in specs:
+                raise ValueError(f"the source of token '{tok}' is not a model of the recipe")
         if self.tokenizer_source not in (None, "base", "first", *specs):
             raise ValueError(
                 f"tokenizer_source '{self.tokenizer_source}' is neither 'base', 'first' nor a "
                 "model of the recipe"
             )
+        if self.max_shard_size is not None:
+            self.max_shard_mb = _shard_mb(self.max_shard_size)
+            self.max_shard_size = None
         if self.max_shard_mb < 1:
             raise ValueError("max_shard_mb must be at least 1")
         return self
@@ -218,6 +229,22 @@ class MergeRecipe(_Strict):
             chosen = [s for s in sl.sources if (s.model == self.base_model) == base]
             out.append([Piece(s.model, *s.layer_range) for s in chosen])
         return out
+
+
+def _shard_mb(size: str | int) -> int:
+    """Megabytes (2^20 bytes) of a shard size: bytes, or a number with B/KB/MB/GB/TB (1000s)
+    or KiB/MiB/GiB (1024s), as transformers writes it."""
+    import re
+
+    if isinstance(size, int):
+        return max(1, size // 2**20)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"max_shard_size '{size}' is not a size such as '5GB' or '500MB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0])
+    return max(1, int(float(m.group(1)) * base**power) // 2**20)
 
 
 def make_recipe(value: MergeRecipe | dict[str, Any]) -> MergeRecipe:

@@ -127,6 +127,17 @@ def _check_tokenizers(models: list[InputModel], source: InputModel) -> list[Any]
     return toks
 
 
+def _token_rows(recipe: MergeRecipe, tokenizer: Any, sources: dict[str, Any]) -> list[Any]:
+    """(token id, source or None) for the recipe's ``token_sources``."""
+    rows = []
+    for tok, spec in recipe.token_sources.items():
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if tid is None or (tid == tokenizer.unk_token_id and tok != tokenizer.unk_token):
+            raise GradfreeError(f"The token '{tok}' is not in the output's vocabulary.")
+        rows.append((int(tid), None if spec == "zero" else sources[spec]))
+    return rows
+
+
 def _tokenizer_source(
     recipe: MergeRecipe, everyone: list[InputModel], base: InputModel | None, first: InputModel
 ) -> InputModel:
@@ -223,6 +234,7 @@ def _merge_sliced(
                 compute_dtype=_compute_dtype(recipe),
                 work=tmp / ".statistics",
                 say=say,
+                token_rows=_token_rows(recipe, toks[list(inputs.values()).index(source)], by_spec),
                 measurements={
                     "slice_inputs": [
                         {"spec": m.spec, "folder": str(m.folder), "fingerprint": m.fingerprint}
@@ -419,6 +431,11 @@ def merge(
                 compute_dtype=_compute_dtype(recipe),
                 work=tmp / ".statistics",
                 say=say,
+                token_rows=_token_rows(
+                    recipe,
+                    toks[everyone.index(source)],
+                    dict(zip([m.spec for m in everyone], sources, strict=True)),
+                ),
             )
             record = _write(
                 ctx,
@@ -554,6 +571,10 @@ def _stream(
             bx = {n: ctx.base_source.get(n).to(math_device, torch.float64) for n in group}
         merged = method.merge_group(group, xs, bx)
         for n in group:
+            if ctx.token_rows and ("embed_tokens" in n or n.startswith("lm_head")):
+                merged[n] = merged[n].clone()  # never an input's own tensor
+                for row, src in ctx.token_rows:  # the recipe's per-token sources, not merged
+                    merged[n][row] = 0.0 if src is None else src.get(n)[row].to(torch.float64)
             y = merged[n].to(torch_out)
             refs = xs[n] + ([bx[n]] if bx is not None else [])
             for k, (d2, x2) in enumerate(_distance_sums(y.to(torch.float64), refs)):
