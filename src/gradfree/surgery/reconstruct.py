@@ -95,6 +95,20 @@ def ridge_lambda(m: PairMoments, rel_lam: float) -> float:
     return resolve_lambda(m.gram_s, rel_lam=rel_lam)
 
 
+def _checked(
+    m: PairMoments, target_w: torch.Tensor, prior_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_ds, T) in float64 on the moments' device, after checking the shapes agree."""
+    c_ds = f64(m.cross_ds)
+    t = f64(target_w).to(c_ds.device)
+    if t.shape[1] != c_ds.shape[0] or prior_w.shape != (t.shape[0], c_ds.shape[1]):
+        raise GradfreeError(
+            f"The target {tuple(t.shape)} and prior {tuple(prior_w.shape)} do not match the "
+            f"moments ({c_ds.shape[0]} dense x {c_ds.shape[1]} sliced)."
+        )
+    return c_ds, t
+
+
 def ls_fit(
     m: PairMoments,
     target_w: torch.Tensor,
@@ -110,14 +124,8 @@ def ls_fit(
     fitted through a constant feature, toward ``prior_b``.
     """
     # the solve runs where the moments are (the model's device when accumulated on it)
-    c_ds = f64(m.cross_ds)
+    c_ds, t = _checked(m, target_w, prior_w)
     dev = c_ds.device
-    t = f64(target_w).to(dev)
-    if t.shape[1] != c_ds.shape[0] or prior_w.shape != (t.shape[0], c_ds.shape[1]):
-        raise GradfreeError(
-            f"The target {tuple(t.shape)} and prior {tuple(prior_w.shape)} do not match the "
-            f"moments ({c_ds.shape[0]} dense x {c_ds.shape[1]} sliced)."
-        )
     lam = ridge_lambda(m, rel_lam)
     xty = c_ds.T @ t.T  # Σ x_s (T x_d)ᵀ: k × out
     if target_b is not None:
@@ -186,14 +194,8 @@ def select_columns(
     Returns the kept column indices and what the selection predicted."""
     # one Cholesky factor of the damped Hessian gives both the ridge optimum (ls_fit's solve)
     # and the inverse the selection downdates: an n × n factorisation saved (n = 8,960 on 1.5B)
-    c_ds = f64(m.cross_ds)
+    c_ds, t = _checked(m, target_w, prior_w)
     dev = c_ds.device
-    t = f64(target_w).to(dev)
-    if t.shape[1] != c_ds.shape[0] or prior_w.shape != (t.shape[0], c_ds.shape[1]):
-        raise GradfreeError(
-            f"The target {tuple(t.shape)} and prior {tuple(prior_w.shape)} do not match the "
-            f"moments ({c_ds.shape[0]} dense x {c_ds.shape[1]} sliced)."
-        )
     lam = ridge_lambda(m, rel_lam)
     g = f64(m.gram_s)
     h = 0.5 * (g + g.T)
