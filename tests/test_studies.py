@@ -120,6 +120,7 @@ def test_make_experiments_runs_every_study_with_a_valid_config() -> None:
         "experiments/data_efficiency.yaml",
         "experiments/transfer.yaml",
         "experiments/composability.yaml",
+        "experiments/student_pushed.yaml",
     }
     assert all("--resume" in c for c in commands)  # an interrupted matrix continues
     for path in configs:
@@ -129,4 +130,5 @@ def test_make_experiments_runs_every_study_with_a_valid_config() -> None:
     assert len(ablate) == 1 and "--config experiments/ablation.yaml" in ablate[0]
     assert load_config(AblateConfig, ROOT / "experiments" / "ablation.yaml").variants
     assert dry.count("scripts/bench_slice.py") == 2
+    assert dry.count("scripts/bench_teacher_curve.py") == 1
     assert "gradfree demo" not in dry  # the demo is not a study
