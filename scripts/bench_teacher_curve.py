@@ -38,7 +38,8 @@ from gradfree.surgery import basis as B
 from gradfree.surgery import fuse_norms_, slice_, untie_
 from gradfree.surgery.export import plan_widths
 from gradfree.surgery.prune import mlp_keep_for_params
-from gradfree.surgery.reconstruct import PrunePlan, dense_reference, reconstruct_
+from gradfree.surgery.reconstruct import PrunePlan, reconstruct_
+from gradfree.surgery.rotate import rotate_residual_
 from gradfree.texts.corpora import load_corpus, load_questions
 
 TEXTS = {"tourguide": "tourguide", "news": "news"}
@@ -146,6 +147,12 @@ def main() -> None:
     ap.add_argument("--ls-lambda", type=float, default=1e-2)
     ap.add_argument("--prune-steps", type=int, default=32)
     ap.add_argument("--no-questions", dest="questions", action="store_false")
+    ap.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="Skip the student's and the dense teacher's rows (a run that adds points).",
+    )
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -172,23 +179,24 @@ def main() -> None:
     cdocs = take_tokens(tok, load_corpus(args.calibration, split="calibration"), args.calib_tokens)
     widths = [float(w) for w in args.widths.split(",")]
 
-    student_l = load_model(args.student)
-    t0 = time.perf_counter()
-    row = {"kind": "student", "model": args.student, "params": param_count(student_l.model)}
-    row |= measure(student_l.model, student_l.tokenizer, teacher, evals, args)
-    row |= {"share": row["params"] / dense_params, "seconds_eval": time.perf_counter() - t0}
-    rows.append(row)
-    save()
-    print(json.dumps(row), flush=True)
-    del student_l
-    gc.collect()
-    t0 = time.perf_counter()
-    row = {"kind": "dense", "model": args.teacher, "params": dense_params, "share": 1.0}
-    row |= measure(teacher, tok, None, evals, args)
-    row |= {"seconds_eval": time.perf_counter() - t0}
-    rows.append(row)
-    save()
-    print(json.dumps(row), flush=True)
+    if args.references:
+        student_l = load_model(args.student)
+        t0 = time.perf_counter()
+        row = {"kind": "student", "model": args.student, "params": param_count(student_l.model)}
+        row |= measure(student_l.model, student_l.tokenizer, teacher, evals, args)
+        row |= {"share": row["params"] / dense_params, "seconds_eval": time.perf_counter() - t0}
+        rows.append(row)
+        save()
+        print(json.dumps(row), flush=True)
+        del student_l
+        gc.collect()
+        t0 = time.perf_counter()
+        row = {"kind": "dense", "model": args.teacher, "params": dense_params, "share": 1.0}
+        row |= measure(teacher, tok, None, evals, args)
+        row |= {"seconds_eval": time.perf_counter() - t0}
+        rows.append(row)
+        save()
+        print(json.dumps(row), flush=True)
 
     shares = [float(s) for s in args.shares.split(",")]
     jobs = [
@@ -215,7 +223,10 @@ def main() -> None:
                     moments, _ = B.calibration_moments(teacher_l, cdocs, max_length=512)
                     q, _ = B.pca_rotation(B.global_moment(moments))
                     del moments
-                    rotated = dense_reference(teacher, q)
+                    # rotated in place: the original is not needed again, and a copy beside
+                    # it (two 1.5B copies, then a third loaded below) ran out of 24 GiB
+                    rotate_residual_(teacher, q)
+                    rotated = teacher
                     teacher_l.model = None
                     del teacher
                     gc.collect()
