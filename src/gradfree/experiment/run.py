@@ -302,6 +302,10 @@ class Engine:
                 prompt_tokens=spec.prompt_tokens,
                 new_tokens=spec.new_tokens,
                 batch_size=spec.batch_size,
+                # a line per batch into the run's log: generation takes minutes on a CPU
+                progress=lambda stage, done, total, unit="": self.say(
+                    f"{stage}: {done}/{total} {unit}"
+                ),
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, "".join(json.dumps(d.to_json()) + "\n" for d in docs))
@@ -342,6 +346,7 @@ class Engine:
             got = load_file(str(path))
             return [got[str(i)] for i in range(len(windows))]
         with self.clock.stage("teacher final states of the calibration windows"):
+            self.say(f"teacher final states of {len(windows)} calibration windows")
             x_t = [x.cpu().contiguous() for x in teacher_states(self.t.model, windows)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
